@@ -1,0 +1,97 @@
+"""The "quest" attention function: dense SDPA where Quest does not apply, page-sparse decode where it does."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.utils import logging
+
+from .backends import get_ops
+from .handoff import HANDOFF
+from .reference import key_validity
+
+logger = logging.get_logger(__name__)
+
+ATTENTION_NAME = "quest"
+
+_warned_no_cache = False
+
+
+def _warn_no_quest_cache() -> None:
+    global _warned_no_cache
+    if not _warned_no_cache:
+        _warned_no_cache = True
+        logger.warning(
+            "attn_implementation='quest' is running without a QuestCache, so attention is dense. Pass "
+            "`past_key_values=transformers_quest.QuestCache(budget=...)` to `generate` (a new one per call)."
+        )
+
+
+def quest_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-function signature: query ``[B, Hq, Sq, D]``, key/value ``[B, Hkv, L, D]`` as the
+    cache returned them; returns ``([B, Sq, Hq, D], None)``.
+
+    One-token steps of layers that select pages, with more pages than the budget, take the Quest path; prefill,
+    multi-token steps (assisted decoding), dense layers and short contexts take SDPA unchanged.
+    """
+    layer = HANDOFF.take()
+    if layer is None or layer.keys is None or key.shape[-2] != layer.length:
+        _warn_no_quest_cache()
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+    batch, q_heads, q_len, head_dim = query.shape
+    length = key.shape[-2]
+    config = layer.config
+    num_pages = math.ceil(length / config.page_size)
+    if q_len != 1 or layer.is_dense or num_pages <= config.page_budget:
+        if q_len == 1:
+            layer.stats.add(dense=batch * key.shape[1] * length, read=batch * key.shape[1] * length)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+
+    for unsupported in ("softcap", "s_aux"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(
+                f"The 'quest' attention does not support models that use `{unsupported}` (got {unsupported}="
+                f"{kwargs[unsupported]!r}); use attn_implementation='eager' for this model."
+            )
+    if scaling is None:
+        scaling = head_dim**-0.5
+    ops = get_ops(query.device)
+    output, _ = ops.decode(
+        query[:, :, 0],
+        key,
+        value,
+        layer.page_min,
+        layer.page_max,
+        key_validity(attention_mask, length),
+        config,
+        scaling,
+    )
+    # Upper bound of the pages a KV head reads: per-query-head selection may pick different pages per head.
+    pages_read = min(config.page_budget * (q_heads // key.shape[1] if config.aggregation == "none" else 1), num_pages)
+    read = min(pages_read * config.page_size, length) + 2 * num_pages
+    layer.stats.add(dense=batch * key.shape[1] * length, read=batch * key.shape[1] * read)
+    return output[:, None], None
+
+
+def register() -> None:
+    """Register "quest" with transformers' attention and mask interfaces (done on ``import transformers_quest``).
+
+    The mask function matters: without one registered under the same name, transformers passes no mask at all,
+    and left-padded batches would attend to padding.
+    """
+    AttentionInterface.register(ATTENTION_NAME, quest_attention_forward)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)

@@ -1,0 +1,230 @@
+"""QuestCache: the whole KV cache, plus the per-page key min/max that Quest scores pages with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .backends import get_ops
+from .config import QuestConfig
+from .handoff import HANDOFF
+
+
+@dataclass
+class ReadStats:
+    """Key/value vectors read by decode steps (one query token), against what dense attention would read.
+
+    Metadata reads count as two vectors per page. Counted in Python integers, so they cost no device sync.
+    """
+
+    dense_vectors: int = 0
+    read_vectors: int = 0
+
+    def add(self, dense: int, read: int) -> None:
+        self.dense_vectors += dense
+        self.read_vectors += read
+
+    @property
+    def read_fraction(self) -> float:
+        """Share of the dense decode's KV reads that Quest made (1.0 before any decode step)."""
+        return self.read_vectors / self.dense_vectors if self.dense_vectors else 1.0
+
+
+class QuestLayer(CacheLayerMixin):
+    """One layer's keys, values and page metadata, in buffers grown geometrically (no O(n) copy per step).
+
+    ``keys``/``values`` are views ``[B, Hkv, length, D]`` of the buffers; ``page_min``/``page_max`` are
+    ``[B, Hkv, capacity // page_size, D]`` (only for layers that select pages; dense layers keep none).
+    """
+
+    is_compileable = False
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, config: QuestConfig, layer_idx: int, stats: ReadStats | None = None):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.is_dense = layer_idx < config.dense_layers
+        self.stats = stats if stats is not None else ReadStats()
+        self.length = 0
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+        self.page_min: torch.Tensor | None = None
+        self.page_max: torch.Tensor | None = None
+
+    def __repr__(self) -> str:
+        kind = "dense" if self.is_dense else "quest"
+        return f"QuestLayer(layer_idx={self.layer_idx}, {kind}, length={self.length})"
+
+    # -- storage -------------------------------------------------------------------------------------------------
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate empty buffers on the keys' device and dtype, so `device_map` models keep each layer local."""
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self._allocate(0, key_states.shape[-1], value_states.shape[-1])
+        self.is_initialized = True
+
+    def _allocate(self, capacity: int, key_dim: int, value_dim: int) -> None:
+        shape = (self.batch_size, self.num_heads, capacity)
+        kwargs = {"dtype": self.dtype, "device": self.device}
+        self._key_buffer = torch.empty(*shape, key_dim, **kwargs)
+        self._value_buffer = torch.empty(*shape, value_dim, **kwargs)
+        if not self.is_dense:
+            pages = (self.batch_size, self.num_heads, capacity // self.config.page_size, key_dim)
+            self.page_min = torch.empty(pages, **kwargs)
+            self.page_max = torch.empty(pages, **kwargs)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._key_buffer is None else self._key_buffer.shape[2]
+
+    def _reserve(self, needed: int) -> None:
+        """Grow the buffers to hold ``needed`` tokens, doubling so that appends cost amortised O(1)."""
+        if needed <= self.capacity:
+            return
+        page_size = self.config.page_size
+        capacity = max(needed, 2 * self.capacity, 256)
+        capacity = -(-capacity // page_size) * page_size
+        old = (self._key_buffer, self._value_buffer, self.page_min, self.page_max)
+        self._allocate(capacity, old[0].shape[-1], old[1].shape[-1])
+        self._key_buffer[:, :, : self.length] = old[0][:, :, : self.length]
+        self._value_buffer[:, :, : self.length] = old[1][:, :, : self.length]
+        if not self.is_dense:
+            used_pages = -(-self.length // page_size)
+            self.page_min[:, :, :used_pages] = old[2][:, :, :used_pages]
+            self.page_max[:, :, :used_pages] = old[3][:, :, :used_pages]
+
+    def _set_length(self, length: int) -> None:
+        self.length = length
+        self.keys = self._key_buffer[:, :, :length]
+        self.values = self._value_buffer[:, :, :length]
+
+    def _refresh_metadata(self, start: int, end: int) -> None:
+        if not self.is_dense:
+            get_ops(self.device).refresh_pages(
+                self.page_min, self.page_max, self._key_buffer, start, end, self.config.page_size
+            )
+
+    # -- CacheLayerMixin API -------------------------------------------------------------------------------------
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``[B, Hkv, n, D]`` keys/values, fold them into the page metadata, return the whole cache."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        self._reserve(end)
+        self._key_buffer[:, :, start:end] = key_states
+        self._value_buffer[:, :, start:end] = value_states
+        self._refresh_metadata(start, end)
+        self._set_length(end)
+        HANDOFF.publish(self)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        """Forget the tokens, keep the buffers for the next prompt."""
+        if self.is_initialized:
+            self._set_length(0)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` tokens (negative, as transformers passes it) and re-reduce the cut page."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"`crop` takes a negative number of tokens to remove, got {tokens_to_remove} "
+                "(positive values were a legacy absolute length)."
+            )
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        new_length = max(self.length + tokens_to_remove, 0)
+        page_start = new_length - new_length % self.config.page_size
+        self._refresh_metadata(page_start, new_length)
+        self._set_length(new_length)
+
+    def _map_batch(self, fn) -> None:
+        """Apply ``fn`` to the batch dimension of every buffer (beam reorder, repeat, select)."""
+        if not self.is_initialized:
+            return
+        self._key_buffer = fn(self._key_buffer)
+        self._value_buffer = fn(self._value_buffer)
+        if not self.is_dense:
+            self.page_min = fn(self.page_min)
+            self.page_max = fn(self.page_max)
+        self.batch_size = self._key_buffer.shape[0]
+        self._set_length(self.length)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices])
+
+    def offload(self) -> None:
+        raise NotImplementedError("QuestCache does not support offloading.")
+
+    def prefetch(self) -> None:
+        raise NotImplementedError("QuestCache does not support offloading.")
+
+
+class QuestCache(Cache):
+    """A transformers `Cache` for Quest decoding: keeps every token, selects pages per decode step.
+
+    Use with a model loaded with ``attn_implementation="quest"`` (registered by ``import transformers_quest``).
+    One cache holds one generation: make a new one for every ``generate`` call.
+
+    Args:
+        budget (`int`, defaults to 2048): tokens attended per decode step (see `QuestConfig`).
+        page_size (`int`, defaults to 16): tokens per page, a power of two.
+        dense_layers (`int`, defaults to 2): the first layers attend densely.
+        aggregation (`str`, defaults to ``"max"``): how a GQA group combines page scores ("max", "sum", "none").
+        spread (`float`, defaults to 1.0): weight of the box half-width in the page score (1.0 = Quest's bound).
+        keep_first_page (`bool`, defaults to False): always attend to the first page.
+        config (`QuestConfig`, *optional*): all of the above at once; excludes the other arguments.
+
+    Example:
+        >>> import transformers_quest
+        >>> from transformers import AutoModelForCausalLM
+        >>> model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="quest")
+        >>> out = model.generate(**inputs, past_key_values=transformers_quest.QuestCache(budget=2048))
+    """
+
+    def __init__(
+        self,
+        budget: int = 2048,
+        page_size: int = 16,
+        dense_layers: int = 2,
+        aggregation: str = "max",
+        spread: float = 1.0,
+        keep_first_page: bool = False,
+        *,
+        config: QuestConfig | None = None,
+    ):
+        if config is None:
+            config = QuestConfig(budget, page_size, dense_layers, aggregation, spread, keep_first_page)
+        elif not isinstance(config, QuestConfig):
+            raise TypeError(f"`config` must be a QuestConfig, got {type(config).__name__}.")
+        self.config = config
+        self.stats = ReadStats()
+        super().__init__(layer_class_to_replicate=self._new_layer)
+
+    def _new_layer(self) -> QuestLayer:
+        return QuestLayer(self.config, layer_idx=len(self.layers), stats=self.stats)
+
+    def __repr__(self) -> str:
+        return f"QuestCache({self.config}, layers={len(self.layers)})"

@@ -1,0 +1,69 @@
+"""Quest settings, validated once so that bad values fail at construction and never inside a kernel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+AGGREGATIONS = ("max", "sum", "none")
+"""How the query heads of one GQA group combine their page scores.
+
+``"max"`` / ``"sum"``: one page selection per KV head, shared by its query heads (reads each selected page once).
+``"none"``: one selection per query head (the paper's MHA behaviour; on GQA models a KV head may read more pages).
+"""
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} ({value!r}).")
+    return value
+
+
+@dataclass(frozen=True)
+class QuestConfig:
+    """What Quest keeps and how it selects pages.
+
+    Args:
+        budget (`int`, defaults to 2048): tokens attended per decode step and KV head; ``budget // page_size``
+            pages (rounded down, as in the paper's kernels), one of which is always the current (last) page.
+            Contexts that fit are attended densely.
+        page_size (`int`, defaults to 16): tokens per page; a positive power of two.
+        dense_layers (`int`, defaults to 2): the first layers always attend densely (they are not sparse).
+        aggregation (`str`, defaults to ``"max"``): see `AGGREGATIONS`.
+        spread (`float`, defaults to 1.0): page score ``q.c + spread * |q|.r`` with ``c``/``r`` the centre and
+            half-width of the page's min/max box. ``1.0`` is the paper's upper bound ``sum max(q*max, q*min)``;
+            ``0.0`` scores the box centre. Values below 1 are no longer an upper bound of ``q.k``.
+        keep_first_page (`bool`, defaults to False): always attend to the first page (the attention sink).
+    """
+
+    budget: int = 2048
+    page_size: int = 16
+    dense_layers: int = 2
+    aggregation: str = "max"
+    spread: float = 1.0
+    keep_first_page: bool = False
+
+    def __post_init__(self) -> None:
+        page_size = _check_int("page_size", self.page_size)
+        if page_size <= 0 or page_size & (page_size - 1):
+            raise ValueError(f"`page_size` must be a positive power of two (1, 2, 4, ..., 16, ...), got {page_size}.")
+        budget = _check_int("budget", self.budget)
+        if budget < page_size:
+            raise ValueError(
+                f"`budget` must be at least one page ({page_size} tokens with page_size={page_size}), got {budget}."
+            )
+        dense_layers = _check_int("dense_layers", self.dense_layers)
+        if dense_layers < 0:
+            raise ValueError(f"`dense_layers` must be >= 0, got {dense_layers}.")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {self.aggregation!r}.")
+        if isinstance(self.spread, bool) or not isinstance(self.spread, (int, float)):
+            raise TypeError(f"`spread` must be a float in [0, 1], got {type(self.spread).__name__} ({self.spread!r}).")
+        if not 0.0 <= float(self.spread) <= 1.0:
+            raise ValueError(f"`spread` must be in [0, 1] (1 = Quest's upper bound), got {self.spread}.")
+        if not isinstance(self.keep_first_page, bool):
+            raise TypeError(f"`keep_first_page` must be a bool, got {self.keep_first_page!r}.")
+
+    @property
+    def page_budget(self) -> int:
+        """Pages attended per decode step, the current page included."""
+        return self.budget // self.page_size

@@ -1,0 +1,198 @@
+"""Quest in plain PyTorch: the specification that the CUDA kernels and the tests are checked against.
+
+No speed tricks here beyond avoiding O(pages x dim) temporaries. Shapes:
+    B batch, Hq query heads, Hkv key/value heads, G = Hq // Hkv, Hs selection heads (Hkv, or Hq when each
+    query head selects its own pages), L tokens in the cache, P = ceil(L / page_size) pages, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import QuestConfig
+
+
+def page_minmax(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element-wise min and max of the keys of every page; a partial last page covers only its tokens.
+
+    Args:
+        keys: [B, H, L, D]
+    Returns:
+        page_min, page_max: [B, H, ceil(L / page_size), D], same dtype as ``keys`` (min/max are exact).
+    """
+    batch, heads, length, dim = keys.shape
+    num_pages = math.ceil(length / page_size)
+    pad = num_pages * page_size - length
+    shape = (batch, heads, num_pages, page_size, dim)
+    # Padding with +inf / -inf keeps a partial page's extrema those of its real tokens.
+    low = torch.nn.functional.pad(keys, (0, 0, 0, pad), value=float("inf")).view(shape).amin(dim=3)
+    high = torch.nn.functional.pad(keys, (0, 0, 0, pad), value=float("-inf")).view(shape).amax(dim=3)
+    return low, high
+
+
+def refresh_pages(
+    page_min: torch.Tensor, page_max: torch.Tensor, keys: torch.Tensor, start: int, end: int, page_size: int
+) -> None:
+    """Recompute, in place, the metadata of the pages that tokens ``[start, end)`` fall in.
+
+    ``keys`` already holds tokens ``[0, end)``. Only touched pages are reduced, so a decode step costs one page
+    (at most ``page_size`` keys), and a partial page always ends up with the extrema of exactly its tokens.
+
+    Args:
+        page_min, page_max: [B, H, >= ceil(end / page_size), D], updated in place.
+        keys: [B, H, >= end, D]
+    """
+    if end <= start:
+        return
+    first_page = start // page_size
+    last_page = (end - 1) // page_size
+    low, high = page_minmax(keys[:, :, first_page * page_size : end], page_size)
+    page_min[:, :, first_page : last_page + 1] = low
+    page_max[:, :, first_page : last_page + 1] = high
+
+
+def page_scores(
+    query: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, spread: float, aggregation: str
+) -> torch.Tensor:
+    """Criticality of every page for one query token, in fp32.
+
+    ``q.c + spread * |q|.r`` with ``c = (max + min) / 2``, ``r = (max - min) / 2``; at ``spread = 1`` this equals the
+    paper's ``sum_i max(q_i * max_i, q_i * min_i)``, an upper bound of ``q.k`` for every key of the page.
+
+    Args:
+        query: [B, Hq, D]
+        page_min, page_max: [B, Hkv, P, D]
+        aggregation: "max" / "sum" over the query heads of a group, or "none" (one score row per query head).
+    Returns:
+        scores: [B, Hs, P], Hs = Hkv for "max" / "sum", Hq for "none".
+    """
+    batch, q_heads, dim = query.shape
+    kv_heads, num_pages = page_min.shape[1], page_min.shape[2]
+    group = q_heads // kv_heads
+    q = query.float().view(batch, kv_heads, group, dim)
+    high, low = page_max.float(), page_min.float()
+    scores = q @ ((high + low) * 0.5).transpose(-1, -2)  # [B, Hkv, G, P]
+    if spread:
+        scores = scores + spread * (q.abs() @ ((high - low) * 0.5).transpose(-1, -2))
+    if aggregation == "max":
+        return scores.amax(dim=2)
+    if aggregation == "sum":
+        return scores.sum(dim=2)
+    return scores.reshape(batch, q_heads, num_pages)
+
+
+def select_pages(
+    scores: torch.Tensor,
+    page_budget: int,
+    current_page: int,
+    page_valid: torch.Tensor | None = None,
+    sink_page: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Indices of the pages to attend: the current page, the sink page if given, then the top-scoring rest.
+
+    Args:
+        scores: [B, Hs, P]
+        page_budget: pages to keep, the current one included.
+        current_page: index of the page holding the newest token (always kept).
+        page_valid: [B, P] bool, False for pages with no attendable token (left padding); never selected
+            unless fewer valid pages than ``page_budget`` exist (then they are masked out downstream anyway).
+        sink_page: [B] int64, a page to always keep (the first real page of each sequence).
+    Returns:
+        page_indices: [B, Hs, min(page_budget, P)], int64, ascending.
+    """
+    batch, heads, num_pages = scores.shape
+    ranked = scores.clone()
+    if page_valid is not None:
+        ranked.masked_fill_(~page_valid[:, None, :], float("-inf"))
+    if sink_page is not None:
+        ranked.scatter_(2, sink_page.view(batch, 1, 1).expand(batch, heads, 1), float("inf"))
+    ranked[:, :, current_page] = float("inf")
+    indices = ranked.topk(min(page_budget, num_pages), dim=-1).indices
+    return indices.sort(dim=-1).values
+
+
+def pages_to_token_mask(page_indices: torch.Tensor, num_pages: int, page_size: int, length: int) -> torch.Tensor:
+    """[B, Hs, K] page indices -> [B, Hs, length] bool mask of the tokens they cover."""
+    batch, heads, _ = page_indices.shape
+    selected = torch.zeros(batch, heads, num_pages, dtype=torch.bool, device=page_indices.device)
+    selected.scatter_(2, page_indices, True)
+    return selected.repeat_interleave(page_size, dim=2)[:, :, :length]
+
+
+def masked_decode_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Exact softmax attention of one query token over the keys where ``key_mask`` is True, fp32 accumulation.
+
+    Args:
+        query: [B, Hq, D]
+        keys, values: [B, Hkv, L, D]
+        key_mask: [B, Hm, L] bool with Hm in {1, Hkv, Hq}
+    Returns:
+        [B, Hq, D] in the query's dtype.
+    """
+    batch, q_heads, dim = query.shape
+    kv_heads = keys.shape[1]
+    group = q_heads // kv_heads
+    q = query.float().view(batch, kv_heads, group, dim)
+    logits = (q @ keys.float().transpose(-1, -2)) * scaling  # [B, Hkv, G, L]
+    if key_mask.shape[1] == q_heads and group > 1:
+        mask = key_mask.view(batch, kv_heads, group, -1)
+    else:
+        mask = key_mask[:, :, None, :]
+    logits = logits.masked_fill(~mask, float("-inf"))
+    out = torch.softmax(logits, dim=-1) @ values.float()
+    return out.reshape(batch, q_heads, values.shape[-1]).to(query.dtype)
+
+
+def key_validity(attention_mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """[B, 1, Sq, L] bool (True = attend) or additive float mask -> [B, L] bool for the last query row."""
+    if attention_mask is None:
+        return None
+    row = attention_mask[:, 0, -1, -length:]
+    if row.dtype == torch.bool:
+        return row
+    return row > torch.finfo(row.dtype).min / 2
+
+
+def quest_decode(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    page_min: torch.Tensor,
+    page_max: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    config: QuestConfig,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Quest decode step of one layer: score pages, select, attend over the selected tokens only.
+
+    Args:
+        query: [B, Hq, D] (the single new token)
+        keys, values: [B, Hkv, L, D]
+        page_min, page_max: [B, Hkv, >= P, D]
+        key_valid: [B, L] bool or None (False for padding).
+    Returns:
+        output [B, Hq, D] and the selected page indices [B, Hs, K].
+    """
+    length = keys.shape[2]
+    page_size = config.page_size
+    num_pages = math.ceil(length / page_size)
+    page_valid = sink_page = None
+    if key_valid is not None:
+        pad = num_pages * page_size - length
+        page_valid = torch.nn.functional.pad(key_valid, (0, pad)).view(-1, num_pages, page_size).any(dim=-1)
+    if config.keep_first_page:
+        sink_page = (
+            page_valid.int().argmax(dim=-1)
+            if page_valid is not None
+            else torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
+        )
+    scores = page_scores(query, page_min[:, :, :num_pages], page_max[:, :, :num_pages], config.spread, config.aggregation)
+    page_indices = select_pages(scores, config.page_budget, num_pages - 1, page_valid, sink_page)
+    token_mask = pages_to_token_mask(page_indices, num_pages, page_size, length)
+    if key_valid is not None:
+        token_mask = token_mask & key_valid[:, None, :]
+    return masked_decode_attention(query, keys, values, token_mask, scaling), page_indices

@@ -1,0 +1,151 @@
+"""The reference ops against brute-force computations written independently here (random q/k, fp32)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from transformers_quest import QuestConfig
+from transformers_quest.reference import (
+    masked_decode_attention,
+    page_minmax,
+    page_scores,
+    pages_to_token_mask,
+    quest_decode,
+    refresh_pages,
+    select_pages,
+)
+
+
+def brute_force_page_scores(query, keys, page_size, spread, aggregation):
+    """Loop over pages and heads; the bound written as the paper writes it (spread=1) or from its box."""
+    batch, q_heads, dim = query.shape
+    kv_heads, length = keys.shape[1], keys.shape[2]
+    group = q_heads // kv_heads
+    num_pages = math.ceil(length / page_size)
+    per_query_head = torch.empty(batch, q_heads, num_pages, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(q_heads):
+            q = query[b, h].double()
+            for p in range(num_pages):
+                page = keys[b, h // group, p * page_size : (p + 1) * page_size].double()
+                high, low = page.max(dim=0).values, page.min(dim=0).values
+                bound = torch.maximum(q * high, q * low)  # the paper's per-channel bound
+                lower = torch.minimum(q * high, q * low)
+                # q.c + s|q|.r == sum(((1 + s) * bound + (1 - s) * lower) / 2)
+                per_query_head[b, h, p] = (((1 + spread) * bound + (1 - spread) * lower) / 2).sum()
+    grouped = per_query_head.view(batch, kv_heads, group, num_pages)
+    if aggregation == "max":
+        return grouped.amax(dim=2)
+    if aggregation == "sum":
+        return grouped.sum(dim=2)
+    return per_query_head
+
+
+def brute_force_selection(scores, page_budget, num_pages):
+    """Set of pages per (batch, head): the last page plus the best others, by sorting in Python."""
+    chosen = []
+    for row in scores.reshape(-1, num_pages).tolist():
+        others = sorted(range(num_pages - 1), key=lambda p: row[p], reverse=True)[: page_budget - 1]
+        chosen.append(set(others) | {num_pages - 1})
+    return chosen
+
+
+@pytest.mark.parametrize("length", [16, 17, 100, 128, 255])
+@pytest.mark.parametrize("page_size", [4, 16])
+def test_page_minmax_matches_per_page_reduction(length, page_size):
+    keys = torch.randn(2, 3, length, 8)
+    low, high = page_minmax(keys, page_size)
+    for p in range(math.ceil(length / page_size)):
+        page = keys[:, :, p * page_size : (p + 1) * page_size]
+        torch.testing.assert_close(low[:, :, p], page.amin(dim=2), rtol=0, atol=0)
+        torch.testing.assert_close(high[:, :, p], page.amax(dim=2), rtol=0, atol=0)
+
+
+def test_refresh_pages_after_prefill_and_appends_equals_recomputation():
+    page_size, capacity = 16, 160
+    keys = torch.randn(2, 2, capacity, 8)
+    page_min = torch.full((2, 2, capacity // page_size, 8), 7.0)
+    page_max = torch.full_like(page_min, -7.0)
+    refresh_pages(page_min, page_max, keys, 0, 37, page_size)  # prefill ending inside page 2
+    for end in range(38, 120):  # single-token appends crossing page boundaries
+        refresh_pages(page_min, page_max, keys, end - 1, end, page_size)
+        low, high = page_minmax(keys[:, :, :end], page_size)
+        pages = low.shape[2]
+        torch.testing.assert_close(page_min[:, :, :pages], low, rtol=0, atol=0)
+        torch.testing.assert_close(page_max[:, :, :pages], high, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("aggregation", ["max", "sum", "none"])
+@pytest.mark.parametrize("spread", [1.0, 0.25, 0.0])
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("length", [64, 77])  # page-aligned, and a partial last page
+def test_page_scores_match_brute_force(aggregation, spread, q_heads, kv_heads, length):
+    page_size = 16
+    query, keys = torch.randn(2, q_heads, 8), torch.randn(2, kv_heads, length, 8)
+    low, high = page_minmax(keys, page_size)
+    expected = brute_force_page_scores(query, keys, page_size, spread, aggregation)
+    actual = page_scores(query, low, high, spread, aggregation)
+    torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("aggregation", ["max", "sum", "none"])
+@pytest.mark.parametrize("page_budget", [1, 2, 5, 9, 40])
+def test_selection_matches_brute_force_up_to_ties(aggregation, page_budget):
+    torch.manual_seed(page_budget)
+    page_size, length = 16, 140  # 9 pages, the last one partial
+    query, keys = torch.randn(3, 6, 8), torch.randn(3, 2, length, 8)
+    low, high = page_minmax(keys, page_size)
+    scores = page_scores(query, low, high, 1.0, aggregation)
+    num_pages = scores.shape[-1]
+    chosen = select_pages(scores, page_budget, num_pages - 1)
+    expected = brute_force_selection(scores, page_budget, num_pages)
+    rows = chosen.reshape(-1, chosen.shape[-1]).tolist()
+    assert len(rows) == len(expected)
+    for got, want, row in zip(rows, expected, scores.reshape(-1, num_pages).tolist()):
+        assert len(set(got)) == len(got) == min(page_budget, num_pages)
+        assert num_pages - 1 in got
+        # Up to ties: every chosen page scores at least as high as the worst page the brute force kept.
+        worst_kept = min((row[p] for p in want if p != num_pages - 1), default=float("inf"))
+        assert all(row[p] >= worst_kept - 1e-6 for p in got if p != num_pages - 1)
+
+
+def test_selection_respects_invalid_and_sink_pages():
+    scores = torch.tensor([[[9.0, 8.0, 1.0, 2.0, 0.0, 5.0]]])
+    valid = torch.tensor([[False, True, True, True, True, True]])
+    chosen = select_pages(scores, 3, current_page=5, page_valid=valid, sink_page=torch.tensor([2]))
+    assert chosen.tolist() == [[[1, 2, 5]]]
+
+
+def test_masked_attention_equals_softmax_over_exactly_the_selected_keys():
+    torch.manual_seed(0)
+    query, keys, values = torch.randn(2, 6, 8), torch.randn(2, 3, 50, 8), torch.randn(2, 3, 50, 8)
+    mask = torch.rand(2, 6, 50) < 0.3
+    mask[..., -1] = True
+    out = masked_decode_attention(query, keys, values, mask, scaling=0.35)
+    for b in range(2):
+        for h in range(6):
+            idx = mask[b, h].nonzero().squeeze(-1)
+            k, v = keys[b, h // 2, idx], values[b, h // 2, idx]
+            expected = torch.softmax((k @ query[b, h]) * 0.35, dim=0) @ v
+            torch.testing.assert_close(out[b, h], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", ["max", "none"])
+def test_quest_decode_with_full_budget_is_dense_attention(aggregation):
+    query, keys, values = torch.randn(2, 4, 8), torch.randn(2, 2, 90, 8), torch.randn(2, 2, 90, 8)
+    low, high = page_minmax(keys, 16)
+    config = QuestConfig(budget=96, page_size=16, aggregation=aggregation)
+    out, pages = quest_decode(query, keys, values, low, high, None, config, 0.3)
+    assert pages.shape[-1] == 6
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, None], keys.repeat_interleave(2, dim=1), values.repeat_interleave(2, dim=1), scale=0.3
+    )[:, :, 0]
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_token_mask_covers_selected_pages_only():
+    mask = pages_to_token_mask(torch.tensor([[[0, 2]]]), num_pages=3, page_size=4, length=10)
+    assert mask.int().tolist() == [[[1, 1, 1, 1, 0, 0, 0, 0, 1, 1]]]
