@@ -10,14 +10,26 @@ from .config import AGGREGATIONS, QuestConfig
 
 register()
 
+
+def __getattr__(name: str):
+    # The pipeline pulls in transformers' pipeline machinery (slow to import): load it on first use only.
+    if name in ("QuestTextGenerationPipeline", "quest_pipeline"):
+        from . import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "AGGREGATIONS",
     "ATTENTION_NAME",
     "QuestCache",
     "QuestConfig",
     "QuestLayer",
+    "QuestTextGenerationPipeline",
     "ReadStats",
     "quest_attention_forward",
+    "quest_pipeline",
     "set_backend",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,72 @@
+"""Bad input fails early with an error that names the parameter, the value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transformers_quest import QuestCache, QuestConfig, QuestLayer, set_backend
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(budget=0), ValueError, r"`budget` must be at least one page \(16 tokens.*got 0"),
+        (dict(budget=-5), ValueError, r"`budget`.*got -5"),
+        (dict(budget=8), ValueError, r"`budget` must be at least one page.*got 8"),
+        (dict(budget="2048"), TypeError, r"`budget` must be an int, got str"),
+        (dict(budget=2048.0), TypeError, r"`budget` must be an int, got float"),
+        (dict(page_size=12), ValueError, r"`page_size` must be a positive power of two.*got 12"),
+        (dict(page_size=0), ValueError, r"`page_size`.*got 0"),
+        (dict(page_size=-16), ValueError, r"`page_size`.*got -16"),
+        (dict(page_size=True), TypeError, r"`page_size` must be an int, got bool"),
+        (dict(dense_layers=-1), ValueError, r"`dense_layers` must be >= 0, got -1"),
+        (dict(aggregation="mean"), ValueError, r"`aggregation` must be one of \('max', 'sum', 'none'\), got 'mean'"),
+        (dict(spread=1.5), ValueError, r"`spread` must be in \[0, 1\].*got 1.5"),
+        (dict(spread="wide"), TypeError, r"`spread` must be a float"),
+        (dict(keep_first_page=1), TypeError, r"`keep_first_page` must be a bool"),
+    ],
+)
+def test_bad_settings_raise_named_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        QuestConfig(**kwargs)
+    with pytest.raises(error, match=message):
+        QuestCache(**kwargs)
+
+
+def test_cache_rejects_a_config_of_the_wrong_type():
+    with pytest.raises(TypeError, match="`config` must be a QuestConfig, got dict"):
+        QuestCache(config={"budget": 64})
+
+
+def test_positive_crop_is_rejected():
+    layer = QuestLayer(QuestConfig(budget=32), layer_idx=3)
+    layer.update(torch.randn(1, 1, 20, 4), torch.randn(1, 1, 20, 4))
+    with pytest.raises(ValueError, match="`crop` takes a negative number of tokens to remove, got 5"):
+        layer.crop(5)
+
+
+def test_unknown_backend_is_rejected(monkeypatch):
+    with pytest.raises(ValueError, match=r"`backend` must be one of .*got 'triton'"):
+        set_backend("triton")
+    monkeypatch.setenv("TRANSFORMERS_QUEST_BACKEND", "gpu")
+    from transformers_quest.backends import requested_backend
+
+    with pytest.raises(ValueError, match="TRANSFORMERS_QUEST_BACKEND must be one of .*got 'gpu'"):
+        requested_backend()
+
+
+def test_softcap_models_are_refused_on_the_sparse_path(model_pair):
+    from transformers_quest import quest_attention_forward
+    from transformers_quest.handoff import HANDOFF
+
+    quest, _ = model_pair
+    module = quest.model.layers[-1].self_attn
+    cache = QuestCache(budget=16, dense_layers=0)
+    kv_heads, head_dim = quest.config.num_key_value_heads, module.head_dim
+    keys = torch.randn(1, kv_heads, 64, head_dim)
+    cache.update(keys, keys, 0)
+    query = torch.randn(1, quest.config.num_attention_heads, 1, head_dim)
+    with pytest.raises(ValueError, match="does not support models that use `softcap`"):
+        quest_attention_forward(module, query, cache.layers[0].keys, cache.layers[0].values, None, softcap=30.0)
+    assert HANDOFF.layer is None
