@@ -48,7 +48,7 @@ def quest_attention_forward(
     multi-token steps (assisted decoding), dense layers and short contexts take SDPA unchanged.
     """
     layer = HANDOFF.take()
-    if layer is None or layer.keys is None or key.shape[-2] != layer.length:
+    if layer is None or layer.keys is None or key.shape[-2] != layer.visible_length:
         _warn_no_quest_cache()
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
@@ -58,7 +58,7 @@ def quest_attention_forward(
     num_pages = math.ceil(length / config.page_size)
     if q_len != 1 or layer.is_dense or num_pages <= config.page_budget:
         if q_len == 1:
-            layer.stats.add(dense=batch * key.shape[1] * length, read=batch * key.shape[1] * length)
+            layer.record_decode(dense=batch * key.shape[1] * length, read=batch * key.shape[1] * length)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
     for unsupported in ("softcap", "s_aux"):
@@ -69,21 +69,24 @@ def quest_attention_forward(
             )
     if scaling is None:
         scaling = head_dim**-0.5
-    ops = get_ops(query.device)
-    output, _ = ops.decode(
+    key_valid = key_validity(attention_mask, length)
+    if key_valid is None:
+        key_valid = layer.written_keys()
+    output, _ = get_ops(query.device).decode(
         query[:, :, 0],
         key,
         value,
         layer.page_min,
         layer.page_max,
-        key_validity(attention_mask, length),
+        key_valid,
         config,
         scaling,
+        current_page=layer.current_page(num_pages),
     )
     # Upper bound of the pages a KV head reads: per-query-head selection may pick different pages per head.
     pages_read = min(config.page_budget * (q_heads // key.shape[1] if config.aggregation == "none" else 1), num_pages)
     read = min(pages_read * config.page_size, length) + 2 * num_pages
-    layer.stats.add(dense=batch * key.shape[1] * length, read=batch * key.shape[1] * read)
+    layer.record_decode(dense=batch * key.shape[1] * length, read=batch * key.shape[1] * read)
     return output[:, None], None
 
 

@@ -1,11 +1,13 @@
 """Which implementation of the Quest ops runs: the PyTorch reference, or compiled kernels where they fit.
 
-This is the one module that knows compiled kernels exist. Every backend offers the same two operations:
+This is the one module that knows compiled kernels exist. Every backend offers the same operations:
 
 * ``refresh_pages(page_min, page_max, keys, start, end, page_size)``: fold tokens ``[start, end)`` into the page
   metadata, in place (see `reference.refresh_pages`).
-* ``decode(query, keys, values, page_min, page_max, key_valid, config, scaling) -> (output, page_indices)``: one
-  sparse decode step (see `reference.quest_decode`).
+* ``refresh_page_at(page_min, page_max, keys, position, page_size)``: the same for one token whose position is a
+  device tensor (static cache; graph-safe).
+* ``decode(query, keys, values, page_min, page_max, key_valid, config, scaling, current_page=None)
+  -> (output, page_indices)``: one sparse decode step (see `reference.quest_decode`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ logger = logging.get_logger(__name__)
 BACKENDS = ("auto", "torch")
 ENV_VAR = "TRANSFORMERS_QUEST_BACKEND"
 
-TORCH_OPS = SimpleNamespace(name="torch", refresh_pages=reference.refresh_pages, decode=reference.quest_decode)
+TORCH_OPS = SimpleNamespace(
+    name="torch",
+    refresh_pages=reference.refresh_pages,
+    refresh_page_at=reference.refresh_page_at,
+    decode=reference.quest_decode,
+)
 
 _forced: str | None = None
 _logged: set[tuple[str, str]] = set()

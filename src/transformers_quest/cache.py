@@ -68,15 +68,15 @@ class QuestLayer(CacheLayerMixin):
         self._allocate(0, key_states.shape[-1], value_states.shape[-1])
         self.is_initialized = True
 
-    def _allocate(self, capacity: int, key_dim: int, value_dim: int) -> None:
+    def _allocate(self, capacity: int, key_dim: int, value_dim: int, fill=torch.empty) -> None:
         shape = (self.batch_size, self.num_heads, capacity)
         kwargs = {"dtype": self.dtype, "device": self.device}
-        self._key_buffer = torch.empty(*shape, key_dim, **kwargs)
-        self._value_buffer = torch.empty(*shape, value_dim, **kwargs)
+        self._key_buffer = fill(*shape, key_dim, **kwargs)
+        self._value_buffer = fill(*shape, value_dim, **kwargs)
         if not self.is_dense:
             pages = (self.batch_size, self.num_heads, capacity // self.config.page_size, key_dim)
-            self.page_min = torch.empty(pages, **kwargs)
-            self.page_max = torch.empty(pages, **kwargs)
+            self.page_min = fill(pages, **kwargs)
+            self.page_max = fill(pages, **kwargs)
 
     @property
     def capacity(self) -> int:
@@ -102,6 +102,24 @@ class QuestLayer(CacheLayerMixin):
         self.length = length
         self.keys = self._key_buffer[:, :, :length]
         self.values = self._value_buffer[:, :, :length]
+
+    # -- what the attention function asks of a layer ---------------------------------------------------------------
+
+    @property
+    def visible_length(self) -> int:
+        """Length of the key/value tensors that ``update`` returned (the attention function checks it)."""
+        return self.length
+
+    def current_page(self, num_pages: int) -> int | torch.Tensor:
+        """Page of the newest token."""
+        return num_pages - 1
+
+    def record_decode(self, dense: int, read: int) -> None:
+        self.stats.add(dense=dense, read=read)
+
+    def written_keys(self) -> torch.Tensor | None:
+        """[B, L] bool of the slots holding tokens, for when transformers passes no mask; None: all of them."""
+        return None
 
     def _refresh_metadata(self, start: int, end: int) -> None:
         if not self.is_dense:
@@ -182,6 +200,114 @@ class QuestLayer(CacheLayerMixin):
         raise NotImplementedError("QuestCache does not support offloading.")
 
 
+class StaticQuestLayer(QuestLayer):
+    """A `QuestLayer` of fixed capacity for compiled / CUDA-graph decoding.
+
+    Buffers (keys, values, page metadata) are allocated once and written in place, the length lives in a device
+    tensor, and a decode step has no host sync and no Python branch on the length, so ``generate`` can compile
+    and graph-capture it. Like transformers' `StaticLayer`, ``update`` returns the whole buffers; the attention
+    mask hides the slots not yet written.
+    """
+
+    is_compileable = True
+    is_croppable = False
+
+    def __init__(self, config: QuestConfig, layer_idx: int, max_cache_len: int, stats: ReadStats | None = None):
+        super().__init__(config, layer_idx, stats)
+        page_size = config.page_size
+        self.max_cache_len = -(-max_cache_len // page_size) * page_size
+        # A tensor, not an int: an int would be baked into a compiled graph (or recompile it every step).
+        self.cumulative_length = torch.tensor(0, dtype=torch.long)
+
+    def __repr__(self) -> str:
+        return f"StaticQuestLayer(layer_idx={self.layer_idx}, max_cache_len={self.max_cache_len})"
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        # Zeros: attention reads the whole buffer with unwritten slots masked, and 0 * NaN garbage would be NaN.
+        self._allocate(self.max_cache_len, key_states.shape[-1], value_states.shape[-1], fill=torch.zeros)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        self.keys, self.values = self._key_buffer, self._value_buffer
+        if not torch.compiler.is_compiling():
+            # Fixed addresses, or CUDA graphs cannot be used (same as transformers' StaticLayer).
+            for tensor in (self._key_buffer, self._value_buffer, self.page_min, self.page_max, self.cumulative_length):
+                if tensor is not None:
+                    torch._dynamo.mark_static_address(tensor)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``[B, Hkv, n, D]`` keys/values at the current length, in place; return the whole buffers."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        count = key_states.shape[-2]
+        if not torch.compiler.is_compiling():
+            # Eager steps (always the prefill) can afford the check; a compiled step cannot sync to make it.
+            end = int(self.cumulative_length) + count
+            if end > self.max_cache_len:
+                raise ValueError(
+                    f"QuestCache(max_cache_len={self.max_cache_len}) cannot hold {end} tokens: give max_cache_len >= "
+                    "prompt length + max_new_tokens."
+                )
+        positions = torch.arange(count, device=self.device) + self.cumulative_length
+        self._key_buffer.index_copy_(2, positions, key_states)
+        self._value_buffer.index_copy_(2, positions, value_states)
+        self.cumulative_length.add_(count)
+        if not self.is_dense:
+            if count == 1:
+                get_ops(self.device).refresh_page_at(
+                    self.page_min, self.page_max, self._key_buffer, positions[0], self.config.page_size
+                )
+            else:
+                start = int(positions[0])
+                self._refresh_metadata(start, start + count)
+        HANDOFF.publish(self)
+        return self.keys, self.values
+
+    @property
+    def visible_length(self) -> int:
+        return self.max_cache_len
+
+    def current_page(self, num_pages: int) -> torch.Tensor:
+        return (self.cumulative_length - 1) // self.config.page_size
+
+    def record_decode(self, dense: int, read: int) -> None:
+        """Not counted: the real length is on the device and reading it would sync every step."""
+
+    def written_keys(self) -> torch.Tensor:
+        written = torch.arange(self.max_cache_len, device=self.device) < self.cumulative_length
+        return written[None].expand(self.batch_size, -1)
+
+    def get_seq_length(self) -> torch.Tensor | int:
+        return self.cumulative_length if self.is_initialized else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.max_cache_len, 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len
+
+    def reset(self) -> None:
+        self.cumulative_length.zero_()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "A static QuestCache (max_cache_len set) cannot be cropped; use QuestCache without max_cache_len for "
+            "assisted or prompt-lookup decoding."
+        )
+
+    def _map_batch(self, fn) -> None:
+        """In place, so that the buffers keep the addresses compiled graphs were captured with."""
+        if not self.is_initialized:
+            return
+        for tensor in (self._key_buffer, self._value_buffer, self.page_min, self.page_max):
+            if tensor is not None:
+                result = fn(tensor)
+                if result.shape != tensor.shape:
+                    raise ValueError("A static QuestCache cannot change its batch size after allocation.")
+                tensor.copy_(result)
+
+
 class QuestCache(Cache):
     """A transformers `Cache` for Quest decoding: keeps every token, selects pages per decode step.
 
@@ -196,6 +322,8 @@ class QuestCache(Cache):
         spread (`float`, defaults to 1.0): weight of the box half-width in the page score (1.0 = Quest's bound).
         keep_first_page (`bool`, defaults to False): always attend to the first page.
         config (`QuestConfig`, *optional*): all of the above at once; excludes the other arguments.
+        max_cache_len (`int`, *optional*): preallocate this many tokens (prompt + new tokens) per layer and make
+            the cache compileable: on a GPU, ``generate`` then compiles and graph-captures the decode step.
 
     Example:
         >>> import transformers_quest
@@ -214,7 +342,13 @@ class QuestCache(Cache):
         keep_first_page: bool = False,
         *,
         config: QuestConfig | None = None,
+        max_cache_len: int | None = None,
     ):
+        if max_cache_len is not None and (
+            isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len <= 0
+        ):
+            raise ValueError(f"`max_cache_len` must be a positive int or None, got {max_cache_len!r}.")
+        self.max_cache_len = max_cache_len
         if config is None:
             config = QuestConfig(budget, page_size, dense_layers, aggregation, spread, keep_first_page)
         elif not isinstance(config, QuestConfig):
@@ -224,7 +358,17 @@ class QuestCache(Cache):
         super().__init__(layer_class_to_replicate=self._new_layer)
 
     def _new_layer(self) -> QuestLayer:
+        if self.max_cache_len is not None:
+            return StaticQuestLayer(self.config, len(self.layers), self.max_cache_len, stats=self.stats)
         return QuestLayer(self.config, layer_idx=len(self.layers), stats=self.stats)
 
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        # Static layers are created on first update, after the prefill mask is built: size it like they will be.
+        if self.max_cache_len is not None:
+            page_size = self.config.page_size
+            return -(-self.max_cache_len // page_size) * page_size, 0
+        return super().get_mask_sizes(query_length, layer_idx)
+
     def __repr__(self) -> str:
-        return f"QuestCache({self.config}, layers={len(self.layers)})"
+        static = f", max_cache_len={self.max_cache_len}" if self.max_cache_len is not None else ""
+        return f"QuestCache({self.config}{static}, layers={len(self.layers)})"

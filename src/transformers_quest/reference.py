@@ -53,6 +53,26 @@ def refresh_pages(
     page_max[:, :, first_page : last_page + 1] = high
 
 
+def refresh_page_at(
+    page_min: torch.Tensor, page_max: torch.Tensor, keys: torch.Tensor, position: torch.Tensor, page_size: int
+) -> None:
+    """Recompute, in place, the metadata of the page holding token ``position`` from tokens ``<= position``.
+
+    The graph-safe form of `refresh_pages` for one appended token: ``position`` is a 0-dim int64 tensor, so a
+    captured decode step needs no host sync and no shape that depends on the length.
+
+    Args:
+        page_min, page_max: [B, H, capacity // page_size, D], updated in place.
+        keys: [B, H, capacity, D] (capacity a multiple of page_size)
+    """
+    page = position.reshape(1) // page_size
+    token_index = page * page_size + torch.arange(page_size, device=keys.device)
+    page_keys = keys.index_select(2, token_index)  # [B, H, page_size, D]
+    valid = (token_index <= position).view(1, 1, page_size, 1)
+    page_min.index_copy_(2, page, page_keys.masked_fill(~valid, float("inf")).amin(dim=2, keepdim=True))
+    page_max.index_copy_(2, page, page_keys.masked_fill(~valid, float("-inf")).amax(dim=2, keepdim=True))
+
+
 def page_scores(
     query: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, spread: float, aggregation: str
 ) -> torch.Tensor:
@@ -86,7 +106,7 @@ def page_scores(
 def select_pages(
     scores: torch.Tensor,
     page_budget: int,
-    current_page: int,
+    current_page: int | torch.Tensor,
     page_valid: torch.Tensor | None = None,
     sink_page: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -95,7 +115,8 @@ def select_pages(
     Args:
         scores: [B, Hs, P]
         page_budget: pages to keep, the current one included.
-        current_page: index of the page holding the newest token (always kept).
+        current_page: index of the page holding the newest token (always kept); an int, or a 0-dim tensor when
+            the length lives on the device (static cache).
         page_valid: [B, P] bool, False for pages with no attendable token (left padding); never selected
             unless fewer valid pages than ``page_budget`` exist (then they are masked out downstream anyway).
         sink_page: [B] int64, a page to always keep (the first real page of each sequence).
@@ -108,7 +129,10 @@ def select_pages(
         ranked.masked_fill_(~page_valid[:, None, :], float("-inf"))
     if sink_page is not None:
         ranked.scatter_(2, sink_page.view(batch, 1, 1).expand(batch, heads, 1), float("inf"))
-    ranked[:, :, current_page] = float("inf")
+    if isinstance(current_page, torch.Tensor):
+        ranked.index_fill_(2, current_page.reshape(1), float("inf"))
+    else:
+        ranked[:, :, current_page] = float("inf")
     indices = ranked.topk(min(page_budget, num_pages), dim=-1).indices
     return indices.sort(dim=-1).values
 
@@ -166,6 +190,7 @@ def quest_decode(
     key_valid: torch.Tensor | None,
     config: QuestConfig,
     scaling: float,
+    current_page: int | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One Quest decode step of one layer: score pages, select, attend over the selected tokens only.
 
@@ -173,7 +198,8 @@ def quest_decode(
         query: [B, Hq, D] (the single new token)
         keys, values: [B, Hkv, L, D]
         page_min, page_max: [B, Hkv, >= P, D]
-        key_valid: [B, L] bool or None (False for padding).
+        key_valid: [B, L] bool or None (False for padding and, in a static cache, for slots not yet written).
+        current_page: page of the newest token; defaults to the last page of ``keys``.
     Returns:
         output [B, Hq, D] and the selected page indices [B, Hs, K].
     """
@@ -191,7 +217,9 @@ def quest_decode(
             else torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
         )
     scores = page_scores(query, page_min[:, :, :num_pages], page_max[:, :, :num_pages], config.spread, config.aggregation)
-    page_indices = select_pages(scores, config.page_budget, num_pages - 1, page_valid, sink_page)
+    if current_page is None:
+        current_page = num_pages - 1
+    page_indices = select_pages(scores, config.page_budget, current_page, page_valid, sink_page)
     token_mask = pages_to_token_mask(page_indices, num_pages, page_size, length)
     if key_valid is not None:
         token_mask = token_mask & key_valid[:, None, :]

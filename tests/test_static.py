@@ -1,0 +1,89 @@
+"""The static-capacity (compileable) QuestCache: same tokens as the growing cache, graph-safe decode step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transformers_quest import QuestCache, QuestConfig
+from transformers_quest.cache import StaticQuestLayer
+from transformers_quest.handoff import HANDOFF
+from transformers_quest.reference import page_minmax
+
+
+def prompt(batch: int = 1, length: int = 150, seed: int = 1) -> torch.Tensor:
+    return torch.randint(1, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("budget", [4096, 48])
+def test_static_cache_generates_the_same_tokens_as_the_growing_cache(model_pair, budget):
+    quest, _ = model_pair
+    ids = prompt(2)
+    growing = quest.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=QuestCache(budget))
+    static_cache = QuestCache(budget, max_cache_len=200)
+    static = quest.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=static_cache)
+    assert torch.equal(static, growing)
+    assert static_cache.is_compileable and int(static_cache.get_seq_length()) == 169
+
+
+def test_static_cache_left_padded_batch_equals_growing_cache(model_pair):
+    quest, _ = model_pair
+    ids, mask = prompt(2), torch.ones(2, 150, dtype=torch.long)
+    ids[1, :32], mask[1, :32] = 0, 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False)
+    growing = quest.generate(ids, past_key_values=QuestCache(32), **kwargs)
+    assert torch.equal(quest.generate(ids, past_key_values=QuestCache(32, max_cache_len=170), **kwargs), growing)
+
+
+def test_static_layer_metadata_after_prefill_and_appends():
+    layer = StaticQuestLayer(QuestConfig(budget=32, dense_layers=0), layer_idx=0, max_cache_len=100)
+    assert layer.max_cache_len == 112  # rounded up to whole pages
+    keys = torch.randn(2, 3, 90, 8)
+    layer.update(keys[:, :, :37], keys[:, :, :37])
+    for t in range(37, 90):
+        layer.update(keys[:, :, t : t + 1], keys[:, :, t : t + 1])
+    HANDOFF.take()
+    low, high = page_minmax(keys, 16)
+    assert torch.equal(layer.page_min[:, :, :6], low) and torch.equal(layer.page_max[:, :, :6], high)
+    assert torch.equal(layer.keys[:, :, :90], keys) and layer.keys.shape[2] == 112
+
+
+def test_static_cache_overflow_is_a_clear_error(model_pair):
+    quest, _ = model_pair
+    with pytest.raises(ValueError, match=r"max_cache_len=160\) cannot hold 161 tokens"):
+        quest.generate(prompt(), max_new_tokens=30, do_sample=False, past_key_values=QuestCache(32, max_cache_len=160))
+
+
+@pytest.mark.parametrize("value", [0, -3, 12.5, True])
+def test_bad_max_cache_len(value):
+    with pytest.raises(ValueError, match=f"`max_cache_len` must be a positive int or None, got {value!r}"):
+        QuestCache(64, max_cache_len=value)
+
+
+def test_decode_step_traces_as_one_graph(model_pair):
+    """fullgraph=True fails on any graph break: a host sync or a Python branch on a device value."""
+    quest, _ = model_pair
+    ids = prompt(length=120)
+    cache = QuestCache(32, dense_layers=1, max_cache_len=160)
+    quest(ids, past_key_values=cache)  # eager prefill
+    eager_cache = QuestCache(32, dense_layers=1, max_cache_len=160)
+    quest(ids, past_key_values=eager_cache)
+    step = prompt(length=1, seed=9)
+    mask = torch.ones(1, 121, dtype=torch.long)
+    compiled = torch.compile(quest.forward, backend="eager", fullgraph=True)
+    from transformers.masking_utils import create_masks_for_generate
+
+    def forward(model_fn, past):
+        attention = create_masks_for_generate(
+            config=quest.config,
+            inputs_embeds=torch.empty(1, 1, 0),
+            attention_mask=mask,
+            past_key_values=past,
+            position_ids=torch.tensor([[120]]),
+        )
+        return model_fn(input_ids=step, attention_mask=attention, position_ids=torch.tensor([[120]]), past_key_values=past).logits
+
+    expected = forward(quest.forward, eager_cache)
+    torch._dynamo.reset()
+    actual = forward(compiled, cache)
+    torch.testing.assert_close(actual, expected)
