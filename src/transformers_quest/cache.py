@@ -348,27 +348,27 @@ class QuestCache(Cache):
             isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int) or max_cache_len <= 0
         ):
             raise ValueError(f"`max_cache_len` must be a positive int or None, got {max_cache_len!r}.")
-        self.max_cache_len = max_cache_len
         if config is None:
             config = QuestConfig(budget, page_size, dense_layers, aggregation, spread, keep_first_page)
         elif not isinstance(config, QuestConfig):
             raise TypeError(f"`config` must be a QuestConfig, got {type(config).__name__}.")
         self.config = config
+        # Whole pages; not named `max_cache_len` because some transformers versions define that as a property.
+        self.static_capacity = None if max_cache_len is None else -(-max_cache_len // config.page_size) * config.page_size
         self.stats = ReadStats()
         super().__init__(layer_class_to_replicate=self._new_layer)
 
     def _new_layer(self) -> QuestLayer:
-        if self.max_cache_len is not None:
-            return StaticQuestLayer(self.config, len(self.layers), self.max_cache_len, stats=self.stats)
+        if self.static_capacity is not None:
+            return StaticQuestLayer(self.config, len(self.layers), self.static_capacity, stats=self.stats)
         return QuestLayer(self.config, layer_idx=len(self.layers), stats=self.stats)
 
     def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
         # Static layers are created on first update, after the prefill mask is built: size it like they will be.
-        if self.max_cache_len is not None:
-            page_size = self.config.page_size
-            return -(-self.max_cache_len // page_size) * page_size, 0
+        if self.static_capacity is not None:
+            return self.static_capacity, 0
         return super().get_mask_sizes(query_length, layer_idx)
 
     def __repr__(self) -> str:
-        static = f", max_cache_len={self.max_cache_len}" if self.max_cache_len is not None else ""
+        static = f", max_cache_len={self.static_capacity}" if self.static_capacity is not None else ""
         return f"QuestCache({self.config}{static}, layers={len(self.layers)})"
