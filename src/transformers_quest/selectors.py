@@ -241,11 +241,23 @@ class _PageSelector(LayerSelector):
 class QuestSelector(_PageSelector):
     uses_metadata = True
 
-    def token_mask(self, query, logits, page_min, page_max):
+    def token_mask(self, query, logits, page_min, page_max, page_terms=None):
+        """``page_terms``: optional precomputed ``(q.c, |q|.r)``, each [B, Hkv, G, P] (the evaluation grid shares
+        them across rows); otherwise scored by `reference.page_scores`."""
         num_pages = math.ceil(logits.shape[-1] / self.spec.page_size)
-        scores = page_scores(
-            query, page_min[:, :, :num_pages], page_max[:, :, :num_pages], self.spec.spread, self.spec.aggregation
-        )
+        if page_terms is not None:
+            centre, radius = page_terms
+            scores = centre + self.spec.spread * radius if self.spec.spread else centre.clone()
+            if self.spec.aggregation == "max":
+                scores = scores.amax(dim=2)
+            elif self.spec.aggregation == "sum":
+                scores = scores.sum(dim=2)
+            else:
+                scores = scores.flatten(1, 2)
+        else:
+            scores = page_scores(
+                query, page_min[:, :, :num_pages], page_max[:, :, :num_pages], self.spec.spread, self.spec.aggregation
+            )
         return self._select(scores, logits.shape[-1])
 
 

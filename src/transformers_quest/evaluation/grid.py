@@ -169,24 +169,30 @@ class GridLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
 
-    def _page_metadata(self, page_size: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Page min/max [n, Hkv, P, D] of rows ``[start, end)``: full prefix pages shared, the rest per row."""
+    def _page_terms(self, q: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quest's two page terms for every row: ``q.c`` and ``|q|.r``, each [N, Hkv, G, P].
+
+        Pages wholly inside the shared prefix are scored for all rows with one matmul; the rest (the prefix's
+        partial page and the tails) per row. Same numbers as `reference.page_scores` before its combination.
+        """
+        rows, kv_heads, group, dim = q.shape
         prefix_len = self.prefix_keys.shape[1]
         full = prefix_len // page_size
         if page_size not in self._prefix_meta:
             low, high = page_minmax(self.prefix_keys[None, :, : full * page_size], page_size)
-            self._prefix_meta[page_size] = (low, high)
-        low0, high0 = self._prefix_meta[page_size]
-        n = end - start
+            self._prefix_meta[page_size] = ((high + low)[0] * 0.5, (high - low)[0] * 0.5)  # [Hkv, P0, D]
+        centre0, radius0 = self._prefix_meta[page_size]
+        q_by_head = q.permute(1, 0, 2, 3).reshape(kv_heads, rows * group, dim)
+        c0 = (q_by_head @ centre0.transpose(1, 2)).view(kv_heads, rows, group, full).permute(1, 0, 2, 3)
+        r0 = (q_by_head.abs() @ radius0.transpose(1, 2)).view(kv_heads, rows, group, full).permute(1, 0, 2, 3)
         rest = torch.cat(
-            [self.prefix_keys[None, :, full * page_size :].expand(n, -1, -1, -1), self.tail_keys[start:end, :, : self.tail]],
+            [self.prefix_keys[None, :, full * page_size :].expand(rows, -1, -1, -1), self.tail_keys[:, :, : self.tail]],
             dim=2,
         )
-        low1, high1 = page_minmax(rest, page_size)
-        return (
-            torch.cat([low0.expand(n, -1, -1, -1), low1], dim=2),
-            torch.cat([high0.expand(n, -1, -1, -1), high1], dim=2),
-        )
+        low1, high1 = page_minmax(rest, page_size)  # [N, Hkv, P1, D]
+        c1 = q @ ((high1 + low1) * 0.5).transpose(-1, -2)
+        r1 = q.abs() @ ((high1 - low1) * 0.5).transpose(-1, -2)
+        return torch.cat([c0, c1], dim=-1), torch.cat([r0, r1], dim=-1)
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """query [N, Hq, D] -> [N, Hq, D]; each row through its group's selector."""
@@ -201,11 +207,19 @@ class GridLayer(CacheLayerMixin):
         tail_keys = self.tail_keys[:, :, : self.tail]
         logits = torch.cat([logits0.permute(1, 0, 2, 3), q @ tail_keys.transpose(-1, -2)], dim=-1)  # [N, Hkv, G, L]
         scaled = logits * scaling
+        terms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for selector, (spec, start, end) in zip(self.selectors, self.groups):
             if not selector.is_sparse(length):
                 continue
-            meta = self._page_metadata(spec.page_size, start, end) if selector.uses_metadata else (None, None)
-            mask, pages = selector.token_mask(query[start:end], logits[start:end], *meta)
+            if selector.uses_metadata:
+                if spec.page_size not in terms:
+                    terms[spec.page_size] = self._page_terms(q, spec.page_size)
+                centre, radius = terms[spec.page_size]
+                mask, pages = selector.token_mask(
+                    query[start:end], logits[start:end], None, None, (centre[start:end], radius[start:end])
+                )
+            else:
+                mask, pages = selector.token_mask(query[start:end], logits[start:end], None, None)
             if mask.shape[1] == q_heads and group > 1:
                 mask = mask.view(end - start, kv_heads, group, length)
             else:
