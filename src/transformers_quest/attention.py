@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.utils import logging
 
-from .backends import get_ops
 from .handoff import HANDOFF
 from .reference import key_validity
 
@@ -54,11 +51,12 @@ def quest_attention_forward(
 
     batch, q_heads, q_len, head_dim = query.shape
     length = key.shape[-2]
-    config = layer.config
-    num_pages = math.ceil(length / config.page_size)
-    if q_len != 1 or layer.is_dense or num_pages <= config.page_budget:
+    if scaling is None:
+        scaling = head_dim**-0.5
+    if not layer.is_sparse_step(q_len, length):
         if q_len == 1:
             layer.record_decode(dense=batch * key.shape[1] * length, read=batch * key.shape[1] * length)
+        layer.observe_dense(query, key, attention_mask, scaling)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
     for unsupported in ("softcap", "s_aux"):
@@ -67,26 +65,7 @@ def quest_attention_forward(
                 f"The 'quest' attention does not support models that use `{unsupported}` (got {unsupported}="
                 f"{kwargs[unsupported]!r}); use attn_implementation='eager' for this model."
             )
-    if scaling is None:
-        scaling = head_dim**-0.5
-    key_valid = key_validity(attention_mask, length)
-    if key_valid is None:
-        key_valid = layer.written_keys()
-    output, _ = get_ops(query.device).decode(
-        query[:, :, 0],
-        key,
-        value,
-        layer.page_min,
-        layer.page_max,
-        key_valid,
-        config,
-        scaling,
-        current_page=layer.current_page(num_pages),
-    )
-    # Upper bound of the pages a KV head reads: per-query-head selection may pick different pages per head.
-    pages_read = min(config.page_budget * (q_heads // key.shape[1] if config.aggregation == "none" else 1), num_pages)
-    read = min(pages_read * config.page_size, length) + 2 * num_pages
-    layer.record_decode(dense=batch * key.shape[1] * length, read=batch * key.shape[1] * read)
+    output = layer.sparse_decode(query[:, :, 0], key, value, key_validity(attention_mask, length), scaling)
     return output[:, None], None
 
 

@@ -48,6 +48,7 @@ class QuestLayer(CacheLayerMixin):
         self.config = config
         self.layer_idx = layer_idx
         self.is_dense = layer_idx < config.dense_layers
+        self.keeps_metadata = not self.is_dense  # subclasses whose selector needs no page metadata turn it off
         self.stats = stats if stats is not None else ReadStats()
         self.length = 0
         self._key_buffer: torch.Tensor | None = None
@@ -73,7 +74,7 @@ class QuestLayer(CacheLayerMixin):
         kwargs = {"dtype": self.dtype, "device": self.device}
         self._key_buffer = fill(*shape, key_dim, **kwargs)
         self._value_buffer = fill(*shape, value_dim, **kwargs)
-        if not self.is_dense:
+        if self.keeps_metadata:
             pages = (self.batch_size, self.num_heads, capacity // self.config.page_size, key_dim)
             self.page_min = fill(pages, **kwargs)
             self.page_max = fill(pages, **kwargs)
@@ -93,7 +94,7 @@ class QuestLayer(CacheLayerMixin):
         self._allocate(capacity, old[0].shape[-1], old[1].shape[-1])
         self._key_buffer[:, :, : self.length] = old[0][:, :, : self.length]
         self._value_buffer[:, :, : self.length] = old[1][:, :, : self.length]
-        if not self.is_dense:
+        if self.keeps_metadata:
             used_pages = -(-self.length // page_size)
             self.page_min[:, :, :used_pages] = old[2][:, :, :used_pages]
             self.page_max[:, :, :used_pages] = old[3][:, :, :used_pages]
@@ -122,10 +123,49 @@ class QuestLayer(CacheLayerMixin):
         return None
 
     def _refresh_metadata(self, start: int, end: int) -> None:
-        if not self.is_dense:
+        if self.keeps_metadata:
             get_ops(self.device).refresh_pages(
                 self.page_min, self.page_max, self._key_buffer, start, end, self.config.page_size
             )
+
+    # -- decode hooks, called by the "quest" attention function ------------------------------------------------------
+
+    def is_sparse_step(self, query_length: int, length: int) -> bool:
+        """Whether this step selects pages: one query token, a layer that selects, more pages than the budget."""
+        num_pages = -(-length // self.config.page_size)
+        return query_length == 1 and not self.is_dense and num_pages > self.config.page_budget
+
+    def sparse_decode(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_valid: torch.Tensor | None,
+        scaling: float,
+    ) -> torch.Tensor:
+        """One sparse decode step: query [B, Hq, D], key/value [B, Hkv, L, D] -> [B, Hq, D] (the backend's decode)."""
+        config = self.config
+        batch, q_heads, _ = query.shape
+        kv_heads, length = key.shape[1], key.shape[2]
+        num_pages = -(-length // config.page_size)
+        if key_valid is None:
+            key_valid = self.written_keys()
+        output, _ = get_ops(query.device).decode(
+            query, key, value, self.page_min, self.page_max, key_valid, config, scaling,
+            current_page=self.current_page(num_pages),
+        )
+        # Upper bound of the pages a KV head reads: per-query-head selection may pick different pages per head.
+        group = q_heads // kv_heads
+        pages_read = min(config.page_budget * (group if config.aggregation == "none" else 1), num_pages)
+        read = min(pages_read * config.page_size, length) + 2 * num_pages
+        self.record_decode(dense=batch * kv_heads * length, read=batch * kv_heads * read)
+        return output
+
+    def observe_dense(
+        self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+    ) -> None:
+        """Called after every dense attention call of this layer (prefill included); selectors that learn from
+        attention (H2O) override it."""
 
     # -- CacheLayerMixin API -------------------------------------------------------------------------------------
 
@@ -178,7 +218,7 @@ class QuestLayer(CacheLayerMixin):
             return
         self._key_buffer = fn(self._key_buffer)
         self._value_buffer = fn(self._value_buffer)
-        if not self.is_dense:
+        if self.keeps_metadata:
             self.page_min = fn(self.page_min)
             self.page_max = fn(self.page_max)
         self.batch_size = self._key_buffer.shape[0]
@@ -253,7 +293,7 @@ class StaticQuestLayer(QuestLayer):
         self._key_buffer.index_copy_(2, positions, key_states)
         self._value_buffer.index_copy_(2, positions, value_states)
         self.cumulative_length.add_(count)
-        if not self.is_dense:
+        if self.keeps_metadata:
             if count == 1:
                 get_ops(self.device).refresh_page_at(
                     self.page_min, self.page_max, self._key_buffer, positions[0], self.config.page_size
