@@ -6,7 +6,7 @@ This is the one module that knows compiled kernels exist. Every backend offers t
   metadata, in place (see `reference.refresh_pages`).
 * ``refresh_page_at(page_min, page_max, keys, position, page_size)``: the same for one token whose position is a
   device tensor (static cache; graph-safe).
-* ``decode(query, keys, values, page_min, page_max, key_valid, config, scaling, current_page=None)
+* ``decode(query, keys, values, page_min, page_max, key_valid, config, scaling, seq_lens=None)
   -> (output, page_indices)``: one sparse decode step (see `reference.quest_decode`).
 """
 

@@ -111,9 +111,9 @@ class QuestLayer(CacheLayerMixin):
         """Length of the key/value tensors that ``update`` returned (the attention function checks it)."""
         return self.length
 
-    def current_page(self, num_pages: int) -> int | torch.Tensor:
-        """Page of the newest token."""
-        return num_pages - 1
+    def seq_lens(self) -> torch.Tensor | None:
+        """[B] int32 tokens written per sequence when the buffers are longer than that (static); None here."""
+        return None
 
     def record_decode(self, dense: int, read: int) -> None:
         self.stats.add(dense=dense, read=read)
@@ -152,7 +152,7 @@ class QuestLayer(CacheLayerMixin):
             key_valid = self.written_keys()
         output, _ = get_ops(query.device).decode(
             query, key, value, self.page_min, self.page_max, key_valid, config, scaling,
-            current_page=self.current_page(num_pages),
+            seq_lens=self.seq_lens(),
         )
         # Upper bound of the pages a KV head reads: per-query-head selection may pick different pages per head.
         group = q_heads // kv_heads
@@ -308,8 +308,8 @@ class StaticQuestLayer(QuestLayer):
     def visible_length(self) -> int:
         return self.max_cache_len
 
-    def current_page(self, num_pages: int) -> torch.Tensor:
-        return (self.cumulative_length - 1) // self.config.page_size
+    def seq_lens(self) -> torch.Tensor:
+        return self.cumulative_length.to(torch.int32).expand(self.batch_size)
 
     def record_decode(self, dense: int, read: int) -> None:
         """Not counted: the real length is on the device and reading it would sync every step."""

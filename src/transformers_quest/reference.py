@@ -115,8 +115,8 @@ def select_pages(
     Args:
         scores: [B, Hs, P]
         page_budget: pages to keep, the current one included.
-        current_page: index of the page holding the newest token (always kept); an int, or a 0-dim tensor when
-            the length lives on the device (static cache).
+        current_page: index of the page holding the newest token (always kept); an int, or a [B] int64 tensor
+            when lengths live on the device (static cache).
         page_valid: [B, P] bool, False for pages with no attendable token (left padding); never selected
             unless fewer valid pages than ``page_budget`` exist (then they are masked out downstream anyway).
         sink_page: [B] int64, a page to always keep (the first real page of each sequence).
@@ -130,7 +130,7 @@ def select_pages(
     if sink_page is not None:
         ranked.scatter_(2, sink_page.view(batch, 1, 1).expand(batch, heads, 1), float("inf"))
     if isinstance(current_page, torch.Tensor):
-        ranked.index_fill_(2, current_page.reshape(1), float("inf"))
+        ranked.scatter_(2, current_page.view(batch, 1, 1).expand(batch, heads, 1), float("inf"))
     else:
         ranked[:, :, current_page] = float("inf")
     indices = ranked.topk(min(page_budget, num_pages), dim=-1).indices
@@ -190,7 +190,7 @@ def quest_decode(
     key_valid: torch.Tensor | None,
     config: QuestConfig,
     scaling: float,
-    current_page: int | torch.Tensor | None = None,
+    seq_lens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One Quest decode step of one layer: score pages, select, attend over the selected tokens only.
 
@@ -199,7 +199,8 @@ def quest_decode(
         keys, values: [B, Hkv, L, D]
         page_min, page_max: [B, Hkv, >= P, D]
         key_valid: [B, L] bool or None (False for padding and, in a static cache, for slots not yet written).
-        current_page: page of the newest token; defaults to the last page of ``keys``.
+        seq_lens: [B] int32/int64 tokens written per sequence, when ``keys`` is a buffer longer than that (static
+            cache); the newest token's page is always kept. None: every sequence fills ``keys``.
     Returns:
         output [B, Hq, D] and the selected page indices [B, Hs, K].
     """
@@ -217,8 +218,7 @@ def quest_decode(
             else torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
         )
     scores = page_scores(query, page_min[:, :, :num_pages], page_max[:, :, :num_pages], config.spread, config.aggregation)
-    if current_page is None:
-        current_page = num_pages - 1
+    current_page = num_pages - 1 if seq_lens is None else (seq_lens.long() - 1) // page_size
     page_indices = select_pages(scores, config.page_budget, current_page, page_valid, sink_page)
     token_mask = pages_to_token_mask(page_indices, num_pages, page_size, length)
     if key_valid is not None:
