@@ -18,13 +18,13 @@ python3 -c "import torch, transformers, kernels; print('torch', torch.__version_
 
 step build
 start=$SECONDS
-timeout 400 python3 cuda/build_variant.py --archs 9.0 --verbose >"$OUT/build.log" 2>&1
+timeout ${QUEST_BUILD_TIMEOUT:-300} python3 cuda/build_variant.py --archs 9.0 --verbose >"$OUT/build.log" 2>&1
 echo "build rc=$? in $((SECONDS - start)) s"
 grep -E "error|Function properties|registers|spill|bytes stack" "$OUT/build.log" | grep -v "^ninja" | head -80
 ls -la cuda/build/*/ 2>/dev/null
 
 step gpu tests
-timeout 300 python3 -m pytest -q -rfE -p no:cacheprovider tests/test_cuda_ops.py tests/test_reference.py \
+timeout ${QUEST_TEST_TIMEOUT:-200} python3 -m pytest -q -rfE -p no:cacheprovider tests/test_cuda_ops.py tests/test_reference.py \
   ${QUEST_TEST_FILTER:+-k "$QUEST_TEST_FILTER"} >"$OUT/tests.log" 2>&1
 echo "tests rc=$?"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
@@ -32,11 +32,11 @@ grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
 
 step benchmark
 if [ "${1:-}" = quick ]; then bench_args=(--quick); else bench_args=(); fi
-timeout 240 python3 benchmarks/attention.py "${bench_args[@]}" --out "$OUT/attention-h100.json" >"$OUT/bench.log" 2>&1
+timeout ${QUEST_BENCH_TIMEOUT:-240} python3 benchmarks/attention.py "${bench_args[@]}" --out "$OUT/attention-h100.json" >"$OUT/bench.log" 2>&1
 echo "benchmark rc=$?"
 
 step memcheck
-timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
+timeout ${QUEST_MEMCHECK_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
   tests/test_cuda_ops.py -k "(refresh_pages and float16 and 16 and 64) or append_pages or select_pages or device_lengths or cuda_graph or (decode_matches_reference and float16 and (case2 or case3 or case6))" \
   >"$OUT/memcheck.log" 2>&1
 echo "memcheck rc=$?"
