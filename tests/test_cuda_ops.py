@@ -371,6 +371,11 @@ def tiny_llama(q_heads, kv_heads, head_dim, dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(4, 4, 64), (8, 2, 128)])
 def test_generate_equals_torch_backend(kernel, dtype, q_heads, kv_heads, head_dim):
+    """Greedy generation through the model equals the PyTorch backend's, up to near-ties of the next-token logits.
+
+    Both backends accumulate in fp32 but round differently, so where the torch backend's two best logits are
+    within rounding of each other the paths may legitimately part; only such a step may differ.
+    """
     model = tiny_llama(q_heads, kv_heads, head_dim, dtype)
     gen = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, 256, (2, 700), generator=gen).cuda()
@@ -384,9 +389,18 @@ def test_generate_equals_torch_backend(kernel, dtype, q_heads, kv_heads, head_di
             with torch.no_grad():
                 outputs[name] = model.generate(
                     input_ids, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=24,
-                    do_sample=False, pad_token_id=0,
+                    do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
                 )
             assert cache.stats.read_fraction < 0.5  # the sparse path ran
     finally:
         backends.set_backend("auto")
-    assert torch.equal(outputs["torch"], outputs["cuda"])
+    ours, theirs = outputs["cuda"].sequences[:, 700:], outputs["torch"].sequences[:, 700:]
+    agree = (ours == theirs).all(0).int().cumprod(0)  # 1 up to the first step where any row differs
+    steps = int(agree.sum())
+    if steps < ours.shape[1]:
+        logits = outputs["torch"].scores[steps].float()  # [B, V] at the first differing step
+        for b in range(ours.shape[0]):
+            if ours[b, steps] != theirs[b, steps]:
+                gap = (logits[b, theirs[b, steps]] - logits[b, ours[b, steps]]).item()
+                resolution = 4 * torch.finfo(dtype).eps * logits[b].abs().max().item()
+                assert gap <= resolution, f"step {steps}, row {b}: logit gap {gap} is not a near-tie ({resolution})"

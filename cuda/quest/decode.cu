@@ -4,13 +4,15 @@
 // Split-K: block (split, b * Hs + s) reads pages [split * pages_per_split, ...) of selection row s and serves every
 // query head that uses that selection (the G heads of a KV head, or one head when each query head selects), so
 // a KV page is read once per group. Each split leaves an unnormalised partial output with its running max and
-// sum (log2 domain); a second kernel merges the splits. With one split the first kernel writes the output.
+// sum (log2 domain); the last block to finish a row (counted in a per-device counter it resets) merges the splits
+// of that row, so the whole step is one launch. With one split the block writes the output directly.
 #include <c10/cuda/CUDAStream.h>
 
 #include "check.h"
 #include "common.cuh"
 #include "dispatch.h"
 #include "ops.h"
+#include "workspace.h"
 
 namespace quest {
 
@@ -35,6 +37,7 @@ struct DecodeParams {
   int pages_per_split, num_splits;
   float* part_o;    // [B * Hq, splits, D]
   float2* part_ml;  // [B * Hq, splits] (running max, running sum)
+  int* counters;    // [B * Hs] finished splits per row, zero between launches
   T* out;
   int64_t o_stride_b, o_stride_h;
 };
@@ -234,28 +237,35 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) sparse_decode_kernel(const 
       if (d == 0) p.part_ml[static_cast<int64_t>(row) * p.num_splits + split] = make_float2(mx, sum);
     }
   }
-}
+  if (p.num_splits == 1) return;
 
-template <typename T, int D>
-__global__ void __launch_bounds__(D) merge_splits_kernel(const float* __restrict__ part_o,
-                                                         const float2* __restrict__ part_ml, int num_splits,
-                                                         int q_heads, T* __restrict__ out, int64_t o_stride_b,
-                                                         int64_t o_stride_h) {
-  const int row = blockIdx.x, d = threadIdx.x;
-  const float2* ml = part_ml + static_cast<int64_t>(row) * num_splits;
-  float mx = -INFINITY;
-  for (int s = 0; s < num_splits; ++s) mx = fmaxf(mx, ml[s].x);
-  float sum = 0.f, o = 0.f;
-  if (mx != -INFINITY) {
-    for (int s = 0; s < num_splits; ++s) {
-      const float2 v = ml[s];
-      const float scale = exp2f(v.x - mx);
-      sum += v.y * scale;
-      o += part_o[(static_cast<int64_t>(row) * num_splits + s) * D + d] * scale;
+  // Publish this split; the last split of the row to finish merges them all.
+  __shared__ bool is_last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) is_last = atomicAdd(p.counters + blockIdx.y, 1) == p.num_splits - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int idx = threadIdx.x; idx < nq * D; idx += blockDim.x) {
+    const int h = idx / D, d = idx % D;
+    const int64_t row = static_cast<int64_t>(b) * p.q_heads + q0 + h;
+    const float2* ml = p.part_ml + row * p.num_splits;
+    const float* po = p.part_o + row * p.num_splits * D + d;
+    float mx = -INFINITY;
+    for (int sp = 0; sp < p.num_splits; ++sp) mx = fmaxf(mx, __ldcg(ml + sp).x);
+    float sum = 0.f, o = 0.f;
+    if (mx != -INFINITY) {
+      for (int sp = 0; sp < p.num_splits; ++sp) {
+        const float2 v = __ldcg(ml + sp);
+        const float scale = exp2f(v.x - mx);
+        sum += v.y * scale;
+        o += __ldcg(po + sp * D) * scale;
+      }
     }
+    p.out[b * p.o_stride_b + (q0 + h) * p.o_stride_h + d] = from_float<T>(o / sum);
   }
-  const int b = row / q_heads, h = row % q_heads;
-  out[b * o_stride_b + h * o_stride_h + d] = from_float<T>(o / sum);
+  if (threadIdx.x == 0) p.counters[blockIdx.y] = 0;  // ready for the next launch (and graph replay)
 }
 
 }  // namespace quest
@@ -338,16 +348,12 @@ void sparse_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
         p.num_splits = splits;
         p.part_o = splits > 1 ? part_o.data_ptr<float>() : nullptr;
         p.part_ml = splits > 1 ? reinterpret_cast<float2*>(part_ml.data_ptr<float>()) : nullptr;
+        p.counters = splits > 1 ? zeroed_counters(query.device(), rows) : nullptr;
         p.out = reinterpret_cast<T*>(out.data_ptr());
         p.o_stride_b = out.stride(0);
         p.o_stride_h = out.stride(1);
         sparse_decode_kernel<T, D, NQ><<<dim3(splits, rows), kDecodeWarps * 32, 0, stream>>>(p);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (splits > 1) {
-          merge_splits_kernel<T, D><<<batch * q_heads, D, 0, stream>>>(p.part_o, p.part_ml, splits, q_heads, p.out,
-                                                                       p.o_stride_b, p.o_stride_h);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
-        }
       });
     });
   });
