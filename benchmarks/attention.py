@@ -1,7 +1,7 @@
 """One decode step of one attention layer: the Quest kernels against dense SDPA decode, in the same run.
 
-Every measurement is a CUDA graph of the step, replayed after the L2 cache was flushed, timed with CUDA events;
-the median is reported. The Quest step is page scoring + top-k selection + sparse attention (+ the split merge);
+Every measurement is a CUDA graph of ten (L2 flush, step) pairs minus a graph of the ten flushes, timed with CUDA
+events (median of the replays), divided by ten: the step's cost inside a model-level graph, cold L2. The Quest step is page scoring + top-k selection + sparse attention (+ the split merge);
 the per-op breakdown times each op in its own graph. "floor" is the time to read the bytes the step must read
 (dense: all keys and values; Quest: the page metadata and the selected pages) at the copy bandwidth measured at
 the start of the run.
@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budgets", nargs="+", type=int, default=[512, 2048, 4096])
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--reps", type=int, default=50, help="timed graph replays per measurement")
+    parser.add_argument("--reps", type=int, default=20, help="timed graph replays per measurement")
     parser.add_argument("--quick", action="store_true", help="budget 2048, batch 1, float16")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/...)")
     args = parser.parse_args(argv)
@@ -54,36 +54,51 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class GraphTimer:
-    """Median time of a CUDA graph's replay, each replay after the L2 cache was refilled with other data.
+    """Time of one step inside a CUDA graph, as in a model-level graph: no per-step graph launch is counted.
 
-    The flush reads a large buffer instead of writing it: written lines would leave L2 dirty, and the timed step
-    would pay for writing them back (tens of microseconds), which a real decode step does not.
+    The graph holds `steps` repetitions of (flush L2, step); a second graph holds the flushes alone; the step costs
+    the difference of their median replay times divided by `steps`. The flush reads a buffer larger than L2 (a
+    written one would leave dirty lines whose write-back would be charged to the step).
     """
 
-    def __init__(self, reps: int):
-        self.reps = reps
+    def __init__(self, reps: int, steps: int = 10):
+        self.reps, self.steps = reps, steps
         l2 = torch.cuda.get_device_properties(0).L2_cache_size
         self.flush_buffer = torch.ones(max(4 * l2, 256 << 20) // 4, dtype=torch.float32, device="cuda")
+        self.flush_us = None
 
-    def __call__(self, fn) -> float:
+    def _graph_us(self, body) -> float:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
+            for _ in range(2):
+                body()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            fn()
+            body()
         graph.replay()
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(self.reps)]
         for start, end in events:
-            self.flush_buffer.max()
             start.record()
             graph.replay()
             end.record()
         torch.cuda.synchronize()
-        return statistics.median(start.elapsed_time(end) for start, end in events) * 1e3  # microseconds
+        return statistics.median(start.elapsed_time(end) for start, end in events) * 1e3
+
+    def __call__(self, fn) -> float:
+        def flushes():
+            for _ in range(self.steps):
+                self.flush_buffer.max()
+
+        def steps():
+            for _ in range(self.steps):
+                self.flush_buffer.max()
+                fn()
+
+        if self.flush_us is None:
+            self.flush_us = self._graph_us(flushes)
+        return (self._graph_us(steps) - self.flush_us) / self.steps
 
 
 def copy_bandwidth() -> float:

@@ -146,7 +146,9 @@ def test_page_scores_two_vector_mode_is_max_of_dot_products(kernel, dtype):
     torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("rows,num_pages,k", [(1, 8192, 127), (32, 2048, 128), (5, 300, 1), (3, 77, 77), (2, 10000, 255)])
+@pytest.mark.parametrize(
+    "rows,num_pages,k", [(1, 8192, 127), (32, 2048, 128), (5, 300, 1), (3, 77, 77), (2, 10000, 255), (1, 50000, 300)]
+)
 @pytest.mark.parametrize("ties", [False, True])
 def test_select_pages_is_exact_top_k(kernel, rows, num_pages, k, ties):
     gen = torch.Generator(device="cuda").manual_seed(num_pages + k)

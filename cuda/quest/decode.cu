@@ -43,7 +43,8 @@ struct DecodeParams {
 };
 
 constexpr int kDecodeWarps = 4;
-constexpr int kMaxPagesPerSplit = 64;
+constexpr int kMaxPagesPerSplit = 256;
+constexpr int kMaxSplits = 64;  // the merge keeps one weight per split and head in shared memory
 
 // Cached per device: the attribute query is cheap but not free, and this runs once per layer and step.
 inline int multiprocessor_count(int device) {
@@ -247,23 +248,50 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) sparse_decode_kernel(const 
   __syncthreads();
   if (!is_last) return;
   __threadfence();
-  for (int idx = threadIdx.x; idx < nq * D; idx += blockDim.x) {
-    const int h = idx / D, d = idx % D;
-    const int64_t row = static_cast<int64_t>(b) * p.q_heads + q0 + h;
-    const float2* ml = p.part_ml + row * p.num_splits;
-    const float* po = p.part_o + row * p.num_splits * D + d;
-    float mx = -INFINITY;
-    for (int sp = 0; sp < p.num_splits; ++sp) mx = fmaxf(mx, __ldcg(ml + sp).x);
-    float sum = 0.f, o = 0.f;
-    if (mx != -INFINITY) {
-      for (int sp = 0; sp < p.num_splits; ++sp) {
-        const float2 v = __ldcg(ml + sp);
-        const float scale = exp2f(v.x - mx);
-        sum += v.y * scale;
-        o += __ldcg(po + sp * D) * scale;
-      }
+  // Split weights in shared memory, one warp per head: exp2(m_split - m_max), and 1 / the weighted sum.
+  __shared__ float sm_weight[NQ][kMaxSplits];
+  __shared__ float sm_inverse[NQ];
+  for (int h = warp; h < nq; h += kDecodeWarps) {
+    const float2* ml = p.part_ml + (static_cast<int64_t>(b) * p.q_heads + q0 + h) * p.num_splits;
+    const float2 none = make_float2(-INFINITY, 0.f);
+    const float2 v0 = lane < p.num_splits ? __ldcg(ml + lane) : none;
+    const float2 v1 = lane + 32 < p.num_splits ? __ldcg(ml + lane + 32) : none;
+    float mx = fmaxf(v0.x, v1.x);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, offset));
+    const float w0 = v0.x == -INFINITY ? 0.f : exp2f(v0.x - mx);
+    const float w1 = v1.x == -INFINITY ? 0.f : exp2f(v1.x - mx);
+    float sum = w0 * v0.y + w1 * v1.y;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+    if (lane < p.num_splits) sm_weight[h][lane] = w0;
+    if (lane + 32 < p.num_splits) sm_weight[h][lane + 32] = w1;
+    if (lane == 0) sm_inverse[h] = 1.f / sum;
+  }
+  __syncthreads();
+  // One thread per (head, 4 dims): 16-byte loads of the partial outputs, several splits in flight.
+  constexpr int D4 = D / 4;
+  for (int idx = threadIdx.x; idx < nq * D4; idx += blockDim.x) {
+    const int h = idx / D4, d4 = idx % D4;
+    const float4* po =
+        reinterpret_cast<const float4*>(p.part_o + (static_cast<int64_t>(b) * p.q_heads + q0 + h) * p.num_splits * D) +
+        d4;
+    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int sp = 0; sp < p.num_splits; ++sp) {
+      const float w = sm_weight[h][sp];
+      const float4 v = __ldcg(po + sp * D4);
+      o.x += w * v.x;
+      o.y += w * v.y;
+      o.z += w * v.z;
+      o.w += w * v.w;
     }
-    p.out[b * p.o_stride_b + (q0 + h) * p.o_stride_h + d] = from_float<T>(o / sum);
+    const float inv = sm_inverse[h];
+    T* dst = p.out + b * p.o_stride_b + (q0 + h) * p.o_stride_h + d4 * 4;
+    dst[0] = from_float<T>(o.x * inv);
+    dst[1] = from_float<T>(o.y * inv);
+    dst[2] = from_float<T>(o.z * inv);
+    dst[3] = from_float<T>(o.w * inv);
   }
   if (threadIdx.x == 0) p.counters[blockIdx.y] = 0;  // ready for the next launch (and graph replay)
 }
@@ -301,11 +329,18 @@ void sparse_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
   if (batch == 0) return;
   const c10::cuda::CUDAGuard guard(query.device());
 
-  // Enough blocks to cover the GPU about four times over, at most kMaxPagesPerSplit pages each.
+  // One wave of blocks (as many as fit on the GPU at this kernel's register use), at most kMaxSplits splits of at
+  // most kMaxPagesPerSplit pages each.
   const int64_t k = indices.size(2), rows = batch * sel_heads;
-  const int sms = multiprocessor_count(query.get_device());
-  int64_t splits = std::min<int64_t>(k, std::max<int64_t>(1, (4 * sms + rows - 1) / rows));
-  int64_t pages_per_split = std::min<int64_t>((k + splits - 1) / splits, kMaxPagesPerSplit);
+  TORCH_CHECK(k <= int64_t{kMaxSplits} * kMaxPagesPerSplit, "at most ", kMaxSplits * kMaxPagesPerSplit,
+              " selected pages, got ", k);
+  const int group = q_heads / kv_heads;
+  const int served = per_query_head ? 1 : group;
+  const int resident = served <= 1 ? 6 : served <= 2 ? 4 : served <= 4 ? 3 : 2;  // blocks per SM
+  const int64_t target = int64_t{multiprocessor_count(query.get_device())} * resident;
+  int64_t splits = std::min<int64_t>({k, int64_t{kMaxSplits}, std::max<int64_t>(1, target / rows)});
+  splits = std::max<int64_t>(splits, (k + kMaxPagesPerSplit - 1) / kMaxPagesPerSplit);
+  const int64_t pages_per_split = (k + splits - 1) / splits;
   splits = (k + pages_per_split - 1) / pages_per_split;
   at::Tensor part_o, part_ml;
   if (splits > 1) {
@@ -313,7 +348,6 @@ void sparse_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
     part_o = at::empty({batch * q_heads, splits, dim}, opts);
     part_ml = at::empty({batch * q_heads, splits, 2}, opts);
   }
-  const int group = q_heads / kv_heads;
   auto stream = c10::cuda::getCurrentCUDAStream();
 
   QUEST_DISPATCH_DTYPE(query.scalar_type(), T, [&] {

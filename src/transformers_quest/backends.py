@@ -43,6 +43,7 @@ SOURCE_KERNEL_DIR = Path(__file__).resolve().parents[2] / "cuda"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 KERNEL_HEAD_DIMS = (64, 128)
 KERNEL_MAX_GROUP = 8
+KERNEL_MAX_SELECTED_PAGES = 64 * 256  # splits x pages per split of the attention kernel
 
 TORCH_OPS = SimpleNamespace(name="torch", refresh_pages=reference.refresh_pages, decode=reference.quest_decode)
 
@@ -145,6 +146,9 @@ def decode_unsupported(
     q_heads, kv_heads = query.shape[1], keys.shape[1]
     if q_heads % kv_heads or (config.aggregation != "none" and q_heads // kv_heads > KERNEL_MAX_GROUP):
         return f"{q_heads} query heads over {kv_heads} KV heads (kernels: groups of up to {KERNEL_MAX_GROUP})"
+    selected = min(config.page_budget, -(-keys.shape[2] // config.page_size))
+    if selected > KERNEL_MAX_SELECTED_PAGES:
+        return f"{selected} selected pages (kernels: up to {KERNEL_MAX_SELECTED_PAGES})"
     if key_valid is not None and (key_valid.dtype != torch.bool or key_valid.stride(-1) != 1):
         return "a key-validity mask that is not a bool tensor contiguous along tokens"
     for name, t in (("query", query), ("keys", keys), ("values", values), ("page_min", page_min), ("page_max", page_max)):
