@@ -76,3 +76,23 @@ __device__ __forceinline__ uint32_t order_key(float x) {
 }
 
 }  // namespace quest
+
+namespace quest {
+
+// Programmatic dependent launch (sm_90+): a kernel launched with launch_pdl may be scheduled while the previous
+// kernel in the stream is still finishing; pdl_wait() blocks until that kernel has completed and its writes are
+// visible, so it must precede every read of data the previous kernels produced. pdl_launch_dependents() lets the
+// next kernel start scheduling. On older architectures both are no-ops and launches are ordinary.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+}  // namespace quest

@@ -11,6 +11,7 @@
 #include "check.h"
 #include "common.cuh"
 #include "dispatch.h"
+#include "launch.h"
 #include "ops.h"
 #include "workspace.h"
 
@@ -85,7 +86,7 @@ template <typename T, int D, int NQ>
 __global__ void __launch_bounds__(kDecodeWarps * 32) sparse_decode_kernel(const DecodeParams<T> p) {
   constexpr int LPT = D / kVec;  // lanes per token
   constexpr int TPW = 32 / LPT;  // tokens per warp step
-  constexpr int kDecodeUnroll = NQ >= 8 ? 2 : 4;  // tokens in flight per lane, fewer when 8 heads hold registers
+  constexpr int kDecodeUnroll = NQ >= 8 ? 2 : NQ >= 2 ? 4 : 8;  // tokens in flight per lane, fewer with more heads
   constexpr int CHUNK = TPW * kDecodeUnroll;
   __shared__ int page_ids[kMaxPagesPerSplit];
   __shared__ float sm_m[kDecodeWarps][NQ], sm_l[kDecodeWarps][NQ];
@@ -97,6 +98,8 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) sparse_decode_kernel(const 
   const int kvh = p.per_query_head ? s / p.group : s;
   const int q0 = p.per_query_head ? s : s * p.group;
   const int nq = p.per_query_head ? 1 : p.group;
+  pdl_wait();  // the query, keys, values and page indices come from the kernels before
+  pdl_launch_dependents();
 
   const int page_begin = split * p.pages_per_split;
   const int split_pages = min(p.pages_per_split, p.num_selected - page_begin);
@@ -336,7 +339,7 @@ void sparse_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
               " selected pages, got ", k);
   const int group = q_heads / kv_heads;
   const int served = per_query_head ? 1 : group;
-  const int resident = served <= 1 ? 6 : served <= 2 ? 4 : served <= 4 ? 3 : 2;  // blocks per SM
+  const int resident = served <= 2 ? 4 : served <= 4 ? 3 : 2;  // blocks per SM at the register use
   const int64_t target = int64_t{multiprocessor_count(query.get_device())} * resident;
   int64_t splits = std::min<int64_t>({k, int64_t{kMaxSplits}, std::max<int64_t>(1, target / rows)});
   splits = std::max<int64_t>(splits, (k + kMaxPagesPerSplit - 1) / kMaxPagesPerSplit);
@@ -386,8 +389,7 @@ void sparse_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
         p.out = reinterpret_cast<T*>(out.data_ptr());
         p.o_stride_b = out.stride(0);
         p.o_stride_h = out.stride(1);
-        sparse_decode_kernel<T, D, NQ><<<dim3(splits, rows), kDecodeWarps * 32, 0, stream>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_pdl(sparse_decode_kernel<T, D, NQ>, dim3(splits, rows), dim3(kDecodeWarps * 32), 0, stream, p);
       });
     });
   });

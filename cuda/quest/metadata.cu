@@ -7,6 +7,7 @@
 
 #include "check.h"
 #include "common.cuh"
+#include "launch.h"
 #include "ops.h"
 
 namespace quest {
@@ -32,6 +33,8 @@ __global__ void refresh_pages_kernel(const RefreshParams<T> p) {
   const int bh = blockIdx.y;
   const int b = bh / p.heads, h = bh - b * p.heads;
   const int item = blockIdx.x * blockDim.x + threadIdx.x;
+  pdl_wait();  // the keys (and lengths) come from the kernels before
+  pdl_launch_dependents();
   const int local_page = item / p.vecs, vec = item - local_page * p.vecs;
   int page, end;
   if (p.seq_lens != nullptr) {
@@ -91,8 +94,7 @@ void launch_refresh(at::Tensor& page_min, at::Tensor& page_max, const at::Tensor
   constexpr int threads = 128;
   const int items = num_pages * p.vecs;
   const dim3 grid((items + threads - 1) / threads, keys.size(0) * keys.size(1));
-  refresh_pages_kernel<T><<<grid, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_pdl(refresh_pages_kernel<T>, grid, dim3(threads), 0, c10::cuda::getCurrentCUDAStream(), p);
 }
 
 void check_metadata(const at::Tensor& page_min, const at::Tensor& page_max, const at::Tensor& keys) {

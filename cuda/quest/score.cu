@@ -11,6 +11,7 @@
 #include "check.h"
 #include "common.cuh"
 #include "dispatch.h"
+#include "launch.h"
 #include "ops.h"
 
 namespace quest {
@@ -41,23 +42,58 @@ constexpr int score_pages_per_block() {
   return kScoreWarps * (32 / (D / kVec)) * kScoreUnroll;
 }
 
+// Sums v[h] over the LPT lanes of a page for all NQ heads with log2(LPT) + NQ - 1 shuffles instead of
+// NQ * log2(LPT): each step halves the heads a lane carries. On return, the lane holds the page sum of head
+// sub / (LPT / NQ) (sub = lane % LPT).
+template <int NQ, int LPT>
+__device__ __forceinline__ float reduce_scatter(float (&v)[NQ], int lane) {
+  static_assert(NQ <= LPT, "one head per lane at most");
+#pragma unroll
+  for (int n = NQ, offset = LPT / 2; n > 1; n /= 2, offset /= 2) {
+    const bool upper = (lane & offset) != 0;
+#pragma unroll
+    for (int i = 0; i < n / 2; ++i) {
+      const float send = upper ? v[i] : v[i + n / 2];
+      const float keep = upper ? v[i + n / 2] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
+    }
+  }
+  float x = v[0];
+#pragma unroll
+  for (int offset = LPT / NQ / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
 template <typename T, int D, int NQ>
 __global__ void __launch_bounds__(kScoreWarps * 32) page_scores_kernel(const ScoreParams<T> p) {
-  constexpr int LPT = D / kVec;  // lanes per page
-  constexpr int PPW = 32 / LPT;  // pages per warp and step
+  constexpr int LPT = D / kVec;         // lanes per page
+  constexpr int PPW = 32 / LPT;         // pages per warp and step
+  constexpr int SAME_HEAD = LPT / NQ;   // lanes holding the same head after reduce_scatter
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int slot = lane / LPT, sub = lane % LPT;
   const int b = blockIdx.y / p.kv_heads, kvh = blockIdx.y % p.kv_heads;
   const int nq = p.group;
+  const int my_head = sub / SAME_HEAD;
+  pdl_wait();  // the query and the metadata come from the kernels before
+  pdl_launch_dependents();
 
-  float q[NQ][kVec];
+  // Box score as two FMAs per element: max(q mx, q mn) is q mx for q >= 0 and q mn for q < 0 (mx >= mn), so
+  // w_hi max(..) + w_lo min(..) = wa mx + wb mn. In score_mode 1, wa = wb = q and the two dot products stay apart.
+  float wa[NQ][kVec], wb[NQ][kVec];
 #pragma unroll
   for (int h = 0; h < NQ; ++h) {
+    float q[kVec];
     if (h < nq) {
-      unpack8<T>(load16(p.query + b * p.q_stride_b + (kvh * p.group + h) * p.q_stride_h + sub * kVec), q[h]);
+      unpack8<T>(load16(p.query + b * p.q_stride_b + (kvh * p.group + h) * p.q_stride_h + sub * kVec), q);
     } else {
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) q[h][i] = 0.f;
+      for (int i = 0; i < kVec; ++i) q[i] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      const bool box = p.score_mode == 0;
+      wa[h][i] = box ? (q[i] >= 0.f ? p.w_hi : p.w_lo) * q[i] : q[i];
+      wb[h][i] = box ? (q[i] >= 0.f ? p.w_lo : p.w_hi) * q[i] : q[i];
     }
   }
   const int len = p.seq_lens != nullptr ? min(p.seq_lens[b], p.max_len) : p.max_len;
@@ -86,26 +122,41 @@ __global__ void __launch_bounds__(kScoreWarps * 32) page_scores_kernel(const Sco
     float mn[kVec], mx[kVec];
     unpack8<T>(raw_min[u], mn);
     unpack8<T>(raw_max[u], mx);
-    float s[NQ];
+    float score;
+    if (p.score_mode == 0) {
+      float v[NQ];
 #pragma unroll
-    for (int h = 0; h < NQ; ++h) {
-      if (p.score_mode == 0) {
+      for (int h = 0; h < NQ; ++h) {
         float acc = 0.f;
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          const float a = q[h][i] * mx[i], c = q[h][i] * mn[i];
-          acc += p.w_hi * fmaxf(a, c) + p.w_lo * fminf(a, c);
-        }
-        s[h] = group_sum<LPT>(acc);
-      } else {
+        for (int i = 0; i < kVec; ++i) acc = fmaf(wa[h][i], mx[i], fmaf(wb[h][i], mn[i], acc));
+        v[h] = acc;
+      }
+      score = reduce_scatter<NQ, LPT>(v, lane);
+    } else {
+      float v_max[NQ], v_min[NQ];
+#pragma unroll
+      for (int h = 0; h < NQ; ++h) {
         float d_max = 0.f, d_min = 0.f;
 #pragma unroll
         for (int i = 0; i < kVec; ++i) {
-          d_max += q[h][i] * mx[i];
-          d_min += q[h][i] * mn[i];
+          d_max = fmaf(wa[h][i], mx[i], d_max);
+          d_min = fmaf(wb[h][i], mn[i], d_min);
         }
-        s[h] = fmaxf(group_sum<LPT>(d_max), group_sum<LPT>(d_min));
+        v_max[h] = d_max;
+        v_min[h] = d_min;
       }
+      score = fmaxf(reduce_scatter<NQ, LPT>(v_max, lane), reduce_scatter<NQ, LPT>(v_min, lane));
+    }
+    // Combine the heads of the group across the lanes that hold them (padding heads beyond nq do not count).
+    if (p.aggregation != 2) {
+      float agg = my_head < nq ? score : (p.aggregation == 0 ? -INFINITY : 0.f);
+#pragma unroll
+      for (int offset = SAME_HEAD; offset < LPT; offset *= 2) {
+        const float other = __shfl_xor_sync(0xffffffffu, agg, offset);
+        agg = p.aggregation == 0 ? fmaxf(agg, other) : agg + other;
+      }
+      score = agg;
     }
     // A page is valid if it lies within the sequence and (with a padding mask) holds at least one real token.
     bool valid = page < used_pages;
@@ -119,20 +170,12 @@ __global__ void __launch_bounds__(kScoreWarps * 32) page_scores_kernel(const Sco
       valid = valid && ((ballot >> (slot * LPT)) & ((1u << LPT) - 1u)) != 0u;
     }
     if (page >= p.num_pages) continue;
-    const float forced = page == current ? INFINITY : (valid ? 0.f : -INFINITY);
+    const float value = page == current ? INFINITY : (valid ? score : -INFINITY);
     float* row = p.scores + b * p.s_stride_b + page;
     if (p.aggregation == 2) {
-#pragma unroll
-      for (int h = 0; h < NQ; ++h) {
-        if (h < nq && sub == h) row[(kvh * p.group + h) * p.s_stride_h] = forced != 0.f ? forced : s[h];
-      }
+      if (sub % SAME_HEAD == 0 && my_head < nq) row[(kvh * p.group + my_head) * p.s_stride_h] = value;
     } else if (sub == 0) {
-      float agg = s[0];
-#pragma unroll
-      for (int h = 1; h < NQ; ++h) {
-        if (h < nq) agg = p.aggregation == 0 ? fmaxf(agg, s[h]) : agg + s[h];
-      }
-      row[kvh * p.s_stride_h] = forced != 0.f ? forced : agg;
+      row[kvh * p.s_stride_h] = value;
     }
   }
 }
@@ -200,8 +243,7 @@ void page_scores(at::Tensor& scores, const at::Tensor& query, const at::Tensor& 
         p.aggregation = aggregation;
         p.score_mode = score_mode;
         const dim3 grid((num_pages + score_pages_per_block<D>() - 1) / score_pages_per_block<D>(), batch * kv_heads);
-        page_scores_kernel<T, D, NQ><<<grid, kScoreWarps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        launch_pdl(page_scores_kernel<T, D, NQ>, grid, dim3(kScoreWarps * 32), 0, c10::cuda::getCurrentCUDAStream(), p);
       });
     });
   });
