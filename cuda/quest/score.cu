@@ -77,6 +77,26 @@ __global__ void __launch_bounds__(kScoreWarps * 32) page_scores_kernel(const Sco
   pdl_wait();  // the query and the metadata come from the kernels before
   pdl_launch_dependents();
 
+  const int len = p.seq_lens != nullptr ? min(p.seq_lens[b], p.max_len) : p.max_len;
+  const int used_pages = (len + p.page_size - 1) >> p.log2_page;
+  const int current = used_pages - 1;
+  const int64_t meta = b * p.m_stride_b + kvh * p.m_stride_h + sub * kVec;
+  const int first = blockIdx.x * score_pages_per_block<D>() + warp * PPW * kScoreUnroll + slot;
+
+  // The metadata loads first: kScoreUnroll x 32 bytes in flight per lane while the query is read and prepared.
+  uint4 raw_min[kScoreUnroll], raw_max[kScoreUnroll];
+#pragma unroll
+  for (int u = 0; u < kScoreUnroll; ++u) {
+    const int page = first + u * PPW;
+    if (page < p.num_pages) {
+      raw_min[u] = load16(p.page_min + meta + page * p.m_stride_p);
+      raw_max[u] = load16(p.page_max + meta + page * p.m_stride_p);
+    } else {
+      raw_min[u] = make_uint4(0, 0, 0, 0);
+      raw_max[u] = make_uint4(0, 0, 0, 0);
+    }
+  }
+
   // Box score as two FMAs per element: max(q mx, q mn) is q mx for q >= 0 and q mn for q < 0 (mx >= mn), so
   // w_hi max(..) + w_lo min(..) = wa mx + wb mn. In score_mode 1, wa = wb = q and the two dot products stay apart.
   float wa[NQ][kVec], wb[NQ][kVec];
@@ -96,26 +116,6 @@ __global__ void __launch_bounds__(kScoreWarps * 32) page_scores_kernel(const Sco
       wb[h][i] = box ? (q[i] >= 0.f ? p.w_lo : p.w_hi) * q[i] : q[i];
     }
   }
-  const int len = p.seq_lens != nullptr ? min(p.seq_lens[b], p.max_len) : p.max_len;
-  const int used_pages = (len + p.page_size - 1) >> p.log2_page;
-  const int current = used_pages - 1;
-  const int64_t meta = b * p.m_stride_b + kvh * p.m_stride_h + sub * kVec;
-  const int first = blockIdx.x * score_pages_per_block<D>() + warp * PPW * kScoreUnroll + slot;
-
-  // All loads of this lane first: kScoreUnroll x 32 bytes in flight before the first use.
-  uint4 raw_min[kScoreUnroll], raw_max[kScoreUnroll];
-#pragma unroll
-  for (int u = 0; u < kScoreUnroll; ++u) {
-    const int page = first + u * PPW;
-    if (page < p.num_pages) {
-      raw_min[u] = load16(p.page_min + meta + page * p.m_stride_p);
-      raw_max[u] = load16(p.page_max + meta + page * p.m_stride_p);
-    } else {
-      raw_min[u] = make_uint4(0, 0, 0, 0);
-      raw_max[u] = make_uint4(0, 0, 0, 0);
-    }
-  }
-
 #pragma unroll
   for (int u = 0; u < kScoreUnroll; ++u) {
     const int page = first + u * PPW;

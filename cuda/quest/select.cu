@@ -64,8 +64,20 @@ __global__ void __launch_bounds__(kSelectThreads)
   pdl_launch_dependents();
   if (tid == 0) sink = num_pages;
   if (kStaged) {
-    for (int i = tid; i < num_pages; i += kSelectThreads) {
-      staged[(i % per_thread) * kSelectThreads + i / per_thread] = order_key(__ldg(row + i));
+    // Eight independent loads in flight per thread before the first store (the row is cold in L2 or DRAM).
+    constexpr int kInFlight = 8;
+    for (int base = 0; base < num_pages; base += kInFlight * kSelectThreads) {
+      float v[kInFlight];
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const int i = base + u * kSelectThreads + tid;
+        v[u] = i < num_pages ? __ldg(row + i) : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const int i = base + u * kSelectThreads + tid;
+        if (i < num_pages) staged[(i % per_thread) * kSelectThreads + i / per_thread] = order_key(v[u]);
+      }
     }
   }
   for (int b = tid; b < kAllBuckets; b += kSelectThreads) hist[b] = 0;
