@@ -9,6 +9,7 @@ import torch
 
 from transformers_quest import QuestConfig
 from transformers_quest.reference import (
+    append_pages,
     masked_decode_attention,
     page_minmax,
     page_scores,
@@ -149,3 +150,18 @@ def test_quest_decode_with_full_budget_is_dense_attention(aggregation):
 def test_token_mask_covers_selected_pages_only():
     mask = pages_to_token_mask(torch.tensor([[[0, 2]]]), num_pages=3, page_size=4, length=10)
     assert mask.int().tolist() == [[[1, 1, 1, 1, 0, 0, 0, 0, 1, 1]]]
+
+
+def test_append_pages_with_ragged_device_lengths_equals_recomputation():
+    page_size = 16
+    keys = torch.randn(3, 2, 96, 8)
+    lengths = torch.tensor([17, 32, 90], dtype=torch.int32)
+    page_min = torch.zeros(3, 2, 6, 8)
+    page_max = torch.zeros(3, 2, 6, 8)
+    append_pages(page_min, page_max, keys, lengths, page_size)
+    for b, n in enumerate(lengths.tolist()):
+        page = (n - 1) // page_size
+        low, high = page_minmax(keys[b : b + 1, :, :n], page_size)
+        assert torch.equal(page_min[b, :, page], low[0, :, page]) and torch.equal(page_max[b, :, page], high[0, :, page])
+        untouched = [p for p in range(6) if p != page]
+        assert not page_min[b, :, untouched].any()  # only the newest token's page is written

@@ -87,3 +87,29 @@ def test_decode_step_traces_as_one_graph(model_pair):
     torch._dynamo.reset()
     actual = forward(compiled, cache)
     torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_static_cache_on_gpu_matches_the_torch_backend(dtype):
+    """The compiled kernels (when they load) and the PyTorch ops give the same tokens through a static cache."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from transformers_quest import set_backend
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=256, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=64)
+    model = LlamaForCausalLM(config).to("cuda", dtype).eval()
+    model.set_attn_implementation("quest")
+    ids = prompt(2, length=700).cuda()
+    outputs = {}
+    try:
+        for backend in ("torch", "auto"):
+            set_backend(backend)
+            cache = QuestCache(64, dense_layers=1, max_cache_len=720)
+            outputs[backend] = model.generate(ids, max_new_tokens=16, do_sample=False, past_key_values=cache,
+                                              disable_compile=True)
+    finally:
+        set_backend("auto")
+    assert torch.equal(outputs["auto"], outputs["torch"])

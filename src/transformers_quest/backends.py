@@ -4,40 +4,68 @@ This is the one module that knows compiled kernels exist. Every backend offers t
 
 * ``refresh_pages(page_min, page_max, keys, start, end, page_size)``: fold tokens ``[start, end)`` into the page
   metadata, in place (see `reference.refresh_pages`).
-* ``refresh_page_at(page_min, page_max, keys, position, page_size)``: the same for one token whose position is a
-  device tensor (static cache; graph-safe).
+* ``append_pages(page_min, page_max, keys, seq_lens, page_size)``: recompute the page holding each sequence's
+  newest token, whose length is a device tensor (static cache; graph-safe).
 * ``decode(query, keys, values, page_min, page_max, key_valid, config, scaling, seq_lens=None)
-  -> (output, page_indices)``: one sparse decode step (see `reference.quest_decode`).
+  -> (output, page_indices)``: one sparse decode step (see `reference.quest_decode`; the CUDA backend returns
+  int32 page indices).
+
+The CUDA kernels (``cuda/`` in the source tree) are loaded through the ``kernels`` package, from the first of:
+
+1. ``TRANSFORMERS_QUEST_KERNEL_PATH=/path/to/kernel/repo`` (a folder holding ``build/<variant>/``), through
+   ``kernels.get_local_kernel``;
+2. ``kernels.get_kernel(KERNEL_REPO_ID, version=KERNEL_VERSION)`` when ``LOCAL_KERNELS`` names that repo id;
+3. ``cuda/build/<variant>/`` of a source checkout, if it was built (``python cuda/build_variant.py``);
+4. ``kernels.get_kernel(KERNEL_REPO_ID, version=KERNEL_VERSION)`` from the Hub.
+
+Where none loads, or a call does not fit the kernels (dtype, head dim, group size, layout), the PyTorch reference
+runs; each such decision is logged once.
 """
 
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import torch
 from transformers.utils import logging
 
 from . import reference
+from .config import QuestConfig
 
 logger = logging.get_logger(__name__)
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "cuda")
 ENV_VAR = "TRANSFORMERS_QUEST_BACKEND"
+KERNEL_PATH_ENV_VAR = "TRANSFORMERS_QUEST_KERNEL_PATH"
+KERNEL_REPO_ID = "transformers-quest/quest-kernels"
+KERNEL_VERSION = 1
+SOURCE_KERNEL_DIR = Path(__file__).resolve().parents[2] / "cuda"
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+KERNEL_HEAD_DIMS = (64, 128)
+KERNEL_MAX_GROUP = 8
+KERNEL_MAX_SELECTED_PAGES = 64 * 256  # splits x pages per split of the attention kernel
 
 TORCH_OPS = SimpleNamespace(
     name="torch",
     refresh_pages=reference.refresh_pages,
-    refresh_page_at=reference.refresh_page_at,
+    append_pages=reference.append_pages,
     decode=reference.quest_decode,
 )
 
 _forced: str | None = None
-_logged: set[tuple[str, str]] = set()
+_logged: set[tuple[str, ...]] = set()
+_kernel: ModuleType | None = None
+_kernel_error: str | None = None
+_kernel_tried = False
+_cuda_ops: "CudaOps | None" = None
 
 
 def set_backend(name: str) -> None:
-    """Force a backend for every device ("torch"), or let it be chosen per device ("auto", the default).
+    """Force a backend for every device: "torch", "cuda" (an error if the kernels cannot load), or "auto" (the
+    default: the CUDA kernels on CUDA devices where they load, the PyTorch reference elsewhere).
 
     The environment variable ``TRANSFORMERS_QUEST_BACKEND`` does the same without code.
     """
@@ -54,11 +82,177 @@ def requested_backend() -> str:
     return name
 
 
-def get_ops(device: torch.device) -> SimpleNamespace:
-    """The ops for tensors on ``device``; logs once per device type which backend runs."""
-    ops = TORCH_OPS
-    key = (device.type, ops.name)
+def _log_once(key: tuple[str, ...], message: str, warning: bool = False) -> None:
     if key not in _logged:
         _logged.add(key)
-        logger.info(f"transformers-quest: '{ops.name}' backend on {device.type}")
+        (logger.warning if warning else logger.info)(message)
+
+
+def _has_local_build(path: Path) -> bool:
+    return (path / "build").is_dir() and any((path / "build").glob("*/metadata.json"))
+
+
+def load_kernel() -> ModuleType | None:
+    """The compiled Quest kernels loaded through ``kernels`` (tried once per process), or None with the reason
+    kept for `kernel_error`."""
+    global _kernel, _kernel_error, _kernel_tried
+    if _kernel_tried:
+        return _kernel
+    _kernel_tried = True
+    try:
+        import kernels
+    except ImportError as error:
+        _kernel_error = f"the `kernels` package is not installed ({error})"
+        return None
+    local_overrides = os.environ.get("LOCAL_KERNELS", "")
+    explicit = os.environ.get(KERNEL_PATH_ENV_VAR)
+    try:
+        if explicit:
+            source = f"local kernel {explicit}"
+            _kernel = kernels.get_local_kernel(Path(explicit))
+        elif f"{KERNEL_REPO_ID}=" in local_overrides or not _has_local_build(SOURCE_KERNEL_DIR):
+            source = f"{KERNEL_REPO_ID} version {KERNEL_VERSION}"
+            _kernel = kernels.get_kernel(KERNEL_REPO_ID, version=KERNEL_VERSION)
+        else:
+            source = f"local build in {SOURCE_KERNEL_DIR}"
+            _kernel = kernels.get_local_kernel(SOURCE_KERNEL_DIR)
+    except Exception as error:  # a missing build, a variant for another torch, no network: all mean "use torch"
+        _kernel_error = f"loading {source} failed: {type(error).__name__}: {error}"
+        return None
+    logger.info(f"transformers-quest: loaded CUDA kernels from {source}")
+    return _kernel
+
+
+def kernel_error() -> str | None:
+    """Why `load_kernel` returned None (after it was called), else None."""
+    return _kernel_error
+
+
+def _vector_layout_problem(name: str, t: torch.Tensor) -> str | None:
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1]):
+        return f"{name} is not 16-byte aligned with a contiguous last dimension"
+    return None
+
+
+def decode_unsupported(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    page_min: torch.Tensor,
+    page_max: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    config: QuestConfig,
+) -> str | None:
+    """Why the CUDA decode cannot run this call (None if it can)."""
+    if query.dtype not in KERNEL_DTYPES:
+        return f"dtype {query.dtype} (kernels: float16, bfloat16)"
+    if any(t.dtype != query.dtype for t in (keys, values, page_min, page_max)):
+        return "query, keys, values and page metadata of different dtypes"
+    head_dim = query.shape[-1]
+    if head_dim not in KERNEL_HEAD_DIMS or values.shape[-1] != head_dim:
+        return f"head_dim {head_dim} / value dim {values.shape[-1]} (kernels: {KERNEL_HEAD_DIMS}, equal)"
+    q_heads, kv_heads = query.shape[1], keys.shape[1]
+    if q_heads % kv_heads or (config.aggregation != "none" and q_heads // kv_heads > KERNEL_MAX_GROUP):
+        return f"{q_heads} query heads over {kv_heads} KV heads (kernels: groups of up to {KERNEL_MAX_GROUP})"
+    selected = min(config.page_budget, -(-keys.shape[2] // config.page_size))
+    if selected > KERNEL_MAX_SELECTED_PAGES:
+        return f"{selected} selected pages (kernels: up to {KERNEL_MAX_SELECTED_PAGES})"
+    if key_valid is not None and (key_valid.dtype != torch.bool or key_valid.stride(-1) != 1):
+        return "a key-validity mask that is not a bool tensor contiguous along tokens"
+    for name, t in (("query", query), ("keys", keys), ("values", values), ("page_min", page_min), ("page_max", page_max)):
+        problem = _vector_layout_problem(name, t)
+        if problem:
+            return problem
+    return None
+
+
+class CudaOps:
+    """The compiled kernels behind the backend interface; calls they do not fit go to the reference."""
+
+    name = "cuda"
+
+    def __init__(self, kernel: ModuleType):
+        self.kernel = kernel
+
+    def refresh_pages(
+        self, page_min: torch.Tensor, page_max: torch.Tensor, keys: torch.Tensor, start: int, end: int, page_size: int
+    ) -> None:
+        problem = None
+        if keys.dtype not in KERNEL_DTYPES or page_min.dtype != keys.dtype or keys.shape[-1] % 8:
+            problem = f"dtype {keys.dtype} / head_dim {keys.shape[-1]}"
+        else:
+            for name, t in (("keys", keys), ("page_min", page_min), ("page_max", page_max)):
+                problem = problem or _vector_layout_problem(name, t)
+        if problem:
+            _log_once(("refresh", problem), f"transformers-quest: page metadata on torch for {problem}")
+            return reference.refresh_pages(page_min, page_max, keys, start, end, page_size)
+        self.kernel.refresh_pages(page_min, page_max, keys, start, end, page_size)
+
+    def append_pages(
+        self, page_min: torch.Tensor, page_max: torch.Tensor, keys: torch.Tensor, seq_lens: torch.Tensor, page_size: int
+    ) -> None:
+        problem = None
+        if keys.dtype not in KERNEL_DTYPES or page_min.dtype != keys.dtype or keys.shape[-1] % 8:
+            problem = f"dtype {keys.dtype} / head_dim {keys.shape[-1]}"
+        else:
+            for name, t in (("keys", keys), ("page_min", page_min), ("page_max", page_max)):
+                problem = problem or _vector_layout_problem(name, t)
+        if problem:
+            _log_once(("append", problem), f"transformers-quest: page metadata on torch for {problem}")
+            return reference.append_pages(page_min, page_max, keys, seq_lens, page_size)
+        self.kernel.append_pages(page_min, page_max, keys, seq_lens, page_size)
+
+    def decode(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        page_min: torch.Tensor,
+        page_max: torch.Tensor,
+        key_valid: torch.Tensor | None,
+        config: QuestConfig,
+        scaling: float,
+        seq_lens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        problem = decode_unsupported(query, keys, values, page_min, page_max, key_valid, config)
+        if problem:
+            _log_once(("decode", problem), f"transformers-quest: decode on torch for {problem}", warning=True)
+            return reference.quest_decode(
+                query, keys, values, page_min, page_max, key_valid, config, scaling, seq_lens=seq_lens
+            )
+        return self.kernel.decode(
+            query,
+            keys,
+            values,
+            page_min,
+            page_max,
+            key_valid,
+            page_size=config.page_size,
+            page_budget=config.page_budget,
+            scale=scaling,
+            spread=float(config.spread),
+            aggregation=config.aggregation,
+            keep_first_page=config.keep_first_page,
+            seq_lens=seq_lens,
+        )
+
+
+def get_ops(device: torch.device) -> SimpleNamespace | CudaOps:
+    """The ops for tensors on ``device``; logs once per device type which backend runs."""
+    name = requested_backend()
+    ops = TORCH_OPS
+    if name != "torch" and device.type == "cuda":
+        kernel = load_kernel()
+        if kernel is not None:
+            global _cuda_ops
+            if _cuda_ops is None or _cuda_ops.kernel is not kernel:
+                _cuda_ops = CudaOps(kernel)
+            ops = _cuda_ops
+        elif name == "cuda":
+            raise RuntimeError(f"The 'cuda' Quest backend was requested but {_kernel_error}.")
+        else:
+            _log_once(("no-kernel",), f"transformers-quest: no CUDA kernels ({_kernel_error}); using torch", True)
+    elif name == "cuda":
+        raise RuntimeError(f"The 'cuda' Quest backend was requested for a {device.type} tensor; it needs CUDA.")
+    _log_once((device.type, ops.name), f"transformers-quest: '{ops.name}' backend on {device.type}")
     return ops

@@ -256,8 +256,9 @@ class StaticQuestLayer(QuestLayer):
         super().__init__(config, layer_idx, stats)
         page_size = config.page_size
         self.max_cache_len = -(-max_cache_len // page_size) * page_size
-        # A tensor, not an int: an int would be baked into a compiled graph (or recompile it every step).
+        # Tensors, not ints: an int would be baked into a compiled graph (or recompile it every step).
         self.cumulative_length = torch.tensor(0, dtype=torch.long)
+        self._seq_lens: torch.Tensor | None = None  # [B] int32 copy of the length, the kernels' vocabulary
 
     def __repr__(self) -> str:
         return f"StaticQuestLayer(layer_idx={self.layer_idx}, max_cache_len={self.max_cache_len})"
@@ -267,10 +268,13 @@ class StaticQuestLayer(QuestLayer):
         # Zeros: attention reads the whole buffer with unwritten slots masked, and 0 * NaN garbage would be NaN.
         self._allocate(self.max_cache_len, key_states.shape[-1], value_states.shape[-1], fill=torch.zeros)
         self.cumulative_length = self.cumulative_length.to(self.device)
+        self._seq_lens = torch.zeros(self.batch_size, dtype=torch.int32, device=self.device)
         self.keys, self.values = self._key_buffer, self._value_buffer
         if not torch.compiler.is_compiling():
             # Fixed addresses, or CUDA graphs cannot be used (same as transformers' StaticLayer).
-            for tensor in (self._key_buffer, self._value_buffer, self.page_min, self.page_max, self.cumulative_length):
+            for tensor in (
+                self._key_buffer, self._value_buffer, self.page_min, self.page_max, self.cumulative_length, self._seq_lens
+            ):
                 if tensor is not None:
                     torch._dynamo.mark_static_address(tensor)
 
@@ -293,10 +297,11 @@ class StaticQuestLayer(QuestLayer):
         self._key_buffer.index_copy_(2, positions, key_states)
         self._value_buffer.index_copy_(2, positions, value_states)
         self.cumulative_length.add_(count)
+        self._seq_lens.add_(count)
         if self.keeps_metadata:
             if count == 1:
-                get_ops(self.device).refresh_page_at(
-                    self.page_min, self.page_max, self._key_buffer, positions[0], self.config.page_size
+                get_ops(self.device).append_pages(
+                    self.page_min, self.page_max, self._key_buffer, self._seq_lens, self.config.page_size
                 )
             else:
                 start = int(positions[0])
@@ -309,7 +314,7 @@ class StaticQuestLayer(QuestLayer):
         return self.max_cache_len
 
     def seq_lens(self) -> torch.Tensor:
-        return self.cumulative_length.to(torch.int32).expand(self.batch_size)
+        return self._seq_lens
 
     def record_decode(self, dense: int, read: int) -> None:
         """Not counted: the real length is on the device and reading it would sync every step."""
@@ -329,6 +334,8 @@ class StaticQuestLayer(QuestLayer):
 
     def reset(self) -> None:
         self.cumulative_length.zero_()
+        if self._seq_lens is not None:
+            self._seq_lens.zero_()
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(

@@ -53,24 +53,30 @@ def refresh_pages(
     page_max[:, :, first_page : last_page + 1] = high
 
 
-def refresh_page_at(
-    page_min: torch.Tensor, page_max: torch.Tensor, keys: torch.Tensor, position: torch.Tensor, page_size: int
+def append_pages(
+    page_min: torch.Tensor, page_max: torch.Tensor, keys: torch.Tensor, seq_lens: torch.Tensor, page_size: int
 ) -> None:
-    """Recompute, in place, the metadata of the page holding token ``position`` from tokens ``<= position``.
+    """Recompute, in place, the page holding token ``seq_lens[b] - 1`` of every sequence, from its tokens so far.
 
-    The graph-safe form of `refresh_pages` for one appended token: ``position`` is a 0-dim int64 tensor, so a
-    captured decode step needs no host sync and no shape that depends on the length.
+    The graph-safe form of `refresh_pages` for a decode append: lengths are a device tensor, so a captured decode
+    step needs no host sync and no shape that depends on the length.
 
     Args:
         page_min, page_max: [B, H, capacity // page_size, D], updated in place.
-        keys: [B, H, capacity, D] (capacity a multiple of page_size)
+        keys: [B, H, capacity, D] (capacity a multiple of page_size), the new token already written.
+        seq_lens: [B] int tokens per sequence after the append.
     """
-    page = position.reshape(1) // page_size
-    token_index = page * page_size + torch.arange(page_size, device=keys.device)
-    page_keys = keys.index_select(2, token_index)  # [B, H, page_size, D]
-    valid = (token_index <= position).view(1, 1, page_size, 1)
-    page_min.index_copy_(2, page, page_keys.masked_fill(~valid, float("inf")).amin(dim=2, keepdim=True))
-    page_max.index_copy_(2, page, page_keys.masked_fill(~valid, float("-inf")).amax(dim=2, keepdim=True))
+    batch, heads, _, dim = keys.shape
+    page = (seq_lens.long() - 1) // page_size  # [B]
+    token_index = page[:, None] * page_size + torch.arange(page_size, device=keys.device)  # [B, page_size]
+    gather_index = token_index.view(batch, 1, page_size, 1).expand(batch, heads, page_size, dim)
+    page_keys = keys.gather(2, gather_index)  # [B, H, page_size, D]
+    valid = (token_index < seq_lens.long()[:, None]).view(batch, 1, page_size, 1)
+    low = page_keys.masked_fill(~valid, float("inf")).amin(dim=2, keepdim=True)
+    high = page_keys.masked_fill(~valid, float("-inf")).amax(dim=2, keepdim=True)
+    scatter_index = page.view(batch, 1, 1, 1).expand(batch, heads, 1, dim)
+    page_min.scatter_(2, scatter_index, low)
+    page_max.scatter_(2, scatter_index, high)
 
 
 def page_scores(

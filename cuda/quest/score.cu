@@ -1,0 +1,250 @@
+// Page scoring: one fp32 criticality per page and selection head, masked and forced for the top-k that follows.
+//
+// score_mode 0 (box):   sum_i (w_hi * max(q_i mx_i, q_i mn_i) + w_lo * min(q_i mx_i, q_i mn_i)),
+//                       w_hi = (1 + spread) / 2, w_lo = (1 - spread) / 2  (== q.c + spread |q|.r; spread 1 is the
+//                       paper's upper bound of q.k over the page)
+// score_mode 1 (two vectors per page, e.g. centroids kept in the same slots): max(q.page_max, q.page_min)
+// Aggregation over the G query heads of a KV head: 0 max, 1 sum, 2 none (one score row per query head).
+// Pages with no valid token (left padding, or past a sequence's length) score -inf, the current page +inf.
+#include <c10/cuda/CUDAStream.h>
+
+#include "check.h"
+#include "common.cuh"
+#include "dispatch.h"
+#include "launch.h"
+#include "ops.h"
+
+namespace quest {
+
+template <typename T>
+struct ScoreParams {
+  const T* query;
+  int64_t q_stride_b, q_stride_h;
+  const T* page_min;
+  const T* page_max;
+  int64_t m_stride_b, m_stride_h, m_stride_p;
+  const bool* key_valid;  // nullable
+  int64_t v_stride_b;
+  const int* seq_lens;  // nullable
+  int max_len;
+  float* scores;
+  int64_t s_stride_b, s_stride_h;
+  int kv_heads, group, num_pages, page_size, log2_page;
+  float w_hi, w_lo;
+  int aggregation, score_mode;
+};
+
+constexpr int kScoreWarps = 8;
+constexpr int kScoreUnroll = 4;
+
+template <int D>
+constexpr int score_pages_per_block() {
+  return kScoreWarps * (32 / (D / kVec)) * kScoreUnroll;
+}
+
+// Sums v[h] over the LPT lanes of a page for all NQ heads with log2(LPT) + NQ - 1 shuffles instead of
+// NQ * log2(LPT): each step halves the heads a lane carries. On return, the lane holds the page sum of head
+// sub / (LPT / NQ) (sub = lane % LPT).
+template <int NQ, int LPT>
+__device__ __forceinline__ float reduce_scatter(float (&v)[NQ], int lane) {
+  static_assert(NQ <= LPT, "one head per lane at most");
+#pragma unroll
+  for (int n = NQ, offset = LPT / 2; n > 1; n /= 2, offset /= 2) {
+    const bool upper = (lane & offset) != 0;
+#pragma unroll
+    for (int i = 0; i < n / 2; ++i) {
+      const float send = upper ? v[i] : v[i + n / 2];
+      const float keep = upper ? v[i + n / 2] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, offset);
+    }
+  }
+  float x = v[0];
+#pragma unroll
+  for (int offset = LPT / NQ / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+template <typename T, int D, int NQ>
+__global__ void __launch_bounds__(kScoreWarps * 32) page_scores_kernel(const ScoreParams<T> p) {
+  constexpr int LPT = D / kVec;         // lanes per page
+  constexpr int PPW = 32 / LPT;         // pages per warp and step
+  constexpr int SAME_HEAD = LPT / NQ;   // lanes holding the same head after reduce_scatter
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int slot = lane / LPT, sub = lane % LPT;
+  const int b = blockIdx.y / p.kv_heads, kvh = blockIdx.y % p.kv_heads;
+  const int nq = p.group;
+  const int my_head = sub / SAME_HEAD;
+  pdl_wait();  // the query and the metadata come from the kernels before
+  pdl_launch_dependents();
+
+  const int len = p.seq_lens != nullptr ? min(p.seq_lens[b], p.max_len) : p.max_len;
+  const int used_pages = (len + p.page_size - 1) >> p.log2_page;
+  const int current = used_pages - 1;
+  const int64_t meta = b * p.m_stride_b + kvh * p.m_stride_h + sub * kVec;
+  const int first = blockIdx.x * score_pages_per_block<D>() + warp * PPW * kScoreUnroll + slot;
+
+  // The metadata loads first: kScoreUnroll x 32 bytes in flight per lane while the query is read and prepared.
+  uint4 raw_min[kScoreUnroll], raw_max[kScoreUnroll];
+#pragma unroll
+  for (int u = 0; u < kScoreUnroll; ++u) {
+    const int page = first + u * PPW;
+    if (page < p.num_pages) {
+      raw_min[u] = load16(p.page_min + meta + page * p.m_stride_p);
+      raw_max[u] = load16(p.page_max + meta + page * p.m_stride_p);
+    } else {
+      raw_min[u] = make_uint4(0, 0, 0, 0);
+      raw_max[u] = make_uint4(0, 0, 0, 0);
+    }
+  }
+
+  // Box score as two FMAs per element: max(q mx, q mn) is q mx for q >= 0 and q mn for q < 0 (mx >= mn), so
+  // w_hi max(..) + w_lo min(..) = wa mx + wb mn. In score_mode 1, wa = wb = q and the two dot products stay apart.
+  float wa[NQ][kVec], wb[NQ][kVec];
+#pragma unroll
+  for (int h = 0; h < NQ; ++h) {
+    float q[kVec];
+    if (h < nq) {
+      unpack8<T>(load16(p.query + b * p.q_stride_b + (kvh * p.group + h) * p.q_stride_h + sub * kVec), q);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) q[i] = 0.f;
+    }
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      const bool box = p.score_mode == 0;
+      wa[h][i] = box ? (q[i] >= 0.f ? p.w_hi : p.w_lo) * q[i] : q[i];
+      wb[h][i] = box ? (q[i] >= 0.f ? p.w_lo : p.w_hi) * q[i] : q[i];
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kScoreUnroll; ++u) {
+    const int page = first + u * PPW;
+    float mn[kVec], mx[kVec];
+    unpack8<T>(raw_min[u], mn);
+    unpack8<T>(raw_max[u], mx);
+    float score;
+    if (p.score_mode == 0) {
+      float v[NQ];
+#pragma unroll
+      for (int h = 0; h < NQ; ++h) {
+        float acc = 0.f;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) acc = fmaf(wa[h][i], mx[i], fmaf(wb[h][i], mn[i], acc));
+        v[h] = acc;
+      }
+      score = reduce_scatter<NQ, LPT>(v, lane);
+    } else {
+      float v_max[NQ], v_min[NQ];
+#pragma unroll
+      for (int h = 0; h < NQ; ++h) {
+        float d_max = 0.f, d_min = 0.f;
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          d_max = fmaf(wa[h][i], mx[i], d_max);
+          d_min = fmaf(wb[h][i], mn[i], d_min);
+        }
+        v_max[h] = d_max;
+        v_min[h] = d_min;
+      }
+      score = fmaxf(reduce_scatter<NQ, LPT>(v_max, lane), reduce_scatter<NQ, LPT>(v_min, lane));
+    }
+    // Combine the heads of the group across the lanes that hold them (padding heads beyond nq do not count).
+    if (p.aggregation != 2) {
+      float agg = my_head < nq ? score : (p.aggregation == 0 ? -INFINITY : 0.f);
+#pragma unroll
+      for (int offset = SAME_HEAD; offset < LPT; offset *= 2) {
+        const float other = __shfl_xor_sync(0xffffffffu, agg, offset);
+        agg = p.aggregation == 0 ? fmaxf(agg, other) : agg + other;
+      }
+      score = agg;
+    }
+    // A page is valid if it lies within the sequence and (with a padding mask) holds at least one real token.
+    bool valid = page < used_pages;
+    if (p.key_valid != nullptr) {
+      bool any = false;
+      for (int t = sub; t < p.page_size; t += LPT) {
+        const int tok = (page << p.log2_page) + t;
+        if (valid && tok < len) any |= p.key_valid[b * p.v_stride_b + tok];
+      }
+      const unsigned ballot = __ballot_sync(0xffffffffu, any);
+      valid = valid && ((ballot >> (slot * LPT)) & ((1u << LPT) - 1u)) != 0u;
+    }
+    if (page >= p.num_pages) continue;
+    const float value = page == current ? INFINITY : (valid ? score : -INFINITY);
+    float* row = p.scores + b * p.s_stride_b + page;
+    if (p.aggregation == 2) {
+      if (sub % SAME_HEAD == 0 && my_head < nq) row[(kvh * p.group + my_head) * p.s_stride_h] = value;
+    } else if (sub == 0) {
+      row[kvh * p.s_stride_h] = value;
+    }
+  }
+}
+
+}  // namespace quest
+
+void page_scores(at::Tensor& scores, const at::Tensor& query, const at::Tensor& page_min, const at::Tensor& page_max,
+                 const std::optional<at::Tensor>& key_valid, const std::optional<at::Tensor>& seq_lens, int64_t max_len,
+                 double spread, int64_t aggregation, int64_t score_mode, int64_t page_size) {
+  using namespace quest;
+  check_vectors(query, "query");
+  check_vectors(page_min, "page_min");
+  check_vectors(page_max, "page_max");
+  TORCH_CHECK(query.dim() == 3 && page_min.dim() == 4, "query must be [B, Hq, D] and page_min [B, Hkv, P, D]");
+  TORCH_CHECK(page_min.sizes() == page_max.sizes() && page_min.strides() == page_max.strides(),
+              "page_min and page_max must have the same shape and strides");
+  TORCH_CHECK(query.scalar_type() == page_min.scalar_type() && page_max.scalar_type() == page_min.scalar_type(),
+              "query, page_min and page_max must share a dtype");
+  const int64_t batch = query.size(0), q_heads = query.size(1), dim = query.size(2), kv_heads = page_min.size(1);
+  TORCH_CHECK(page_min.size(0) == batch && page_min.size(3) == dim, "page_min must be [B, Hkv, P, D] like query");
+  TORCH_CHECK(kv_heads > 0 && q_heads % kv_heads == 0, "query heads (", q_heads, ") must be a multiple of KV heads (",
+              kv_heads, ")");
+  TORCH_CHECK(aggregation >= 0 && aggregation <= 2, "aggregation must be 0 (max), 1 (sum) or 2 (none)");
+  TORCH_CHECK(score_mode == 0 || score_mode == 1, "score_mode must be 0 (box) or 1 (max of two dot products)");
+  const int log2_page = log2_exact(page_size, "page_size");
+  const int64_t sel_heads = aggregation == 2 ? q_heads : kv_heads;
+  TORCH_CHECK(scores.is_cuda() && scores.scalar_type() == at::kFloat && scores.dim() == 3 && scores.size(0) == batch &&
+                  scores.size(1) == sel_heads && scores.stride(2) == 1,
+              "scores must be float32 [", batch, ", ", sel_heads, ", P] contiguous along pages");
+  const int64_t num_pages = scores.size(2);
+  TORCH_CHECK(max_len >= 1 && (max_len + page_size - 1) / page_size == num_pages && num_pages <= page_min.size(2),
+              "scores must have ceil(max_len / page_size) pages (and page_min at least as many): max_len=", max_len,
+              " pages=", num_pages, " page_min pages=", page_min.size(2));
+  check_key_valid(key_valid, batch, max_len);
+  check_seq_lens(seq_lens, batch);
+  if (batch == 0) return;
+  const c10::cuda::CUDAGuard guard(query.device());
+
+  QUEST_DISPATCH_DTYPE(query.scalar_type(), T, [&] {
+    QUEST_DISPATCH_HEAD_DIM(dim, D, [&] {
+      QUEST_DISPATCH_HEADS(q_heads / kv_heads, NQ, [&] {
+        ScoreParams<T> p;
+        p.query = reinterpret_cast<const T*>(query.data_ptr());
+        p.q_stride_b = query.stride(0);
+        p.q_stride_h = query.stride(1);
+        p.page_min = reinterpret_cast<const T*>(page_min.data_ptr());
+        p.page_max = reinterpret_cast<const T*>(page_max.data_ptr());
+        p.m_stride_b = page_min.stride(0);
+        p.m_stride_h = page_min.stride(1);
+        p.m_stride_p = page_min.stride(2);
+        p.key_valid = key_valid.has_value() ? key_valid->data_ptr<bool>() : nullptr;
+        p.v_stride_b = key_valid.has_value() ? key_valid->stride(0) : 0;
+        p.seq_lens = seq_lens.has_value() ? seq_lens->data_ptr<int>() : nullptr;
+        p.max_len = static_cast<int>(max_len);
+        p.scores = scores.data_ptr<float>();
+        p.s_stride_b = scores.stride(0);
+        p.s_stride_h = scores.stride(1);
+        p.kv_heads = kv_heads;
+        p.group = q_heads / kv_heads;
+        p.num_pages = num_pages;
+        p.page_size = page_size;
+        p.log2_page = log2_page;
+        p.w_hi = static_cast<float>((1.0 + spread) * 0.5);
+        p.w_lo = static_cast<float>((1.0 - spread) * 0.5);
+        p.aggregation = aggregation;
+        p.score_mode = score_mode;
+        const dim3 grid((num_pages + score_pages_per_block<D>() - 1) / score_pages_per_block<D>(), batch * kv_heads);
+        launch_pdl(page_scores_kernel<T, D, NQ>, grid, dim3(kScoreWarps * 32), 0, c10::cuda::getCurrentCUDAStream(), p);
+      });
+    });
+  });
+}

@@ -1,0 +1,300 @@
+// Top-k page selection: the K best-scoring pages of every row of scores, as ascending page indices.
+//
+// One block per row; the row's order-preserving keys are staged in shared memory (transposed, so that a warp's
+// reads hit 32 banks). Exact, ties to the lower page index, in two ways:
+//  * bucket path (the usual case): one histogram of the finite scores over kBuckets linear buckets between the
+//    row's finite min and max (-inf and the forced pages get a bucket below / above them) finds the bucket holding
+//    the K-th best page; the pages of that bucket (few, as scores spread over the buckets) are ranked exactly
+//    against each other; everything above the bucket is taken.
+//  * radix path (a boundary bucket with too many pages: equal or clustered scores): a radix select over the keys,
+//    4 bits a pass with lane-private histograms, stopping once the boundary bin is taken whole.
+// Both end with a block-wide prefix sum that writes the taken pages in ascending order.
+// keep_first forces the first page with a finite score (the first real page: the attention sink) just below the
+// current page, which page_scores already forced to +inf.
+#include <c10/cuda/CUDAStream.h>
+
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include "check.h"
+#include "common.cuh"
+#include "launch.h"
+#include "ops.h"
+
+namespace quest {
+
+constexpr int kSelectThreads = 512;
+constexpr int kSelectWarps = kSelectThreads / 32;
+constexpr int kRadixBits = 4;
+constexpr int kBins = 1 << kRadixBits;
+constexpr int kBuckets = 2048;                // linear buckets over the finite scores
+constexpr int kAllBuckets = kBuckets + 2;     // + one for -inf, one for +inf and the sink page
+constexpr int kBucketsPerThread = (kAllBuckets + kSelectThreads - 1) / kSelectThreads;
+constexpr int kMaxCandidates = 512;           // pages of the boundary bucket ranked against each other
+constexpr int kMaxSharedPages = 40 * 1024;    // 160 KB of staged keys; longer rows are read from L2 each pass
+
+template <bool kStaged>
+__global__ void __launch_bounds__(kSelectThreads)
+    select_pages_kernel(const float* __restrict__ scores, int64_t row_stride, int num_pages, int k,
+                        int* __restrict__ indices, bool keep_first) {
+  using Scan = cub::BlockScan<int, kSelectThreads>;
+  using Reduce = cub::BlockReduce<float, kSelectThreads>;
+  __shared__ union {
+    typename Scan::TempStorage scan;
+    typename Reduce::TempStorage reduce;
+  } temp;
+  __shared__ int hist[kAllBuckets];
+  // Radix path: lane-private histograms need no atomics and never collide, even when all keys share a digit.
+  __shared__ int lane_hist[kSelectWarps][kBins][32];
+  __shared__ uint32_t cand_key[kMaxCandidates];
+  __shared__ bool cand_take[kMaxCandidates];
+  __shared__ int bin_count[kBins];
+  __shared__ int chosen_digit, chosen_rest, chosen_done, sink, boundary, boundary_rest;
+  __shared__ float lo_all, hi_all;
+  extern __shared__ uint32_t staged[];
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const float* row = scores + blockIdx.x * row_stride;
+  int* out = indices + static_cast<int64_t>(blockIdx.x) * k;
+  // Thread t owns pages [t * per_thread, ...), so that the output can be written in ascending order.
+  const int per_thread = (num_pages + kSelectThreads - 1) / kSelectThreads;
+  const int begin = tid * per_thread, end = min(begin + per_thread, num_pages), mine = max(end - begin, 0);
+
+  pdl_wait();  // the scores come from the kernel before
+  pdl_launch_dependents();
+  if (tid == 0) sink = num_pages;
+  if (kStaged) {
+    // Eight independent loads in flight per thread before the first store (the row is cold in L2 or DRAM).
+    constexpr int kInFlight = 8;
+    for (int base = 0; base < num_pages; base += kInFlight * kSelectThreads) {
+      float v[kInFlight];
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const int i = base + u * kSelectThreads + tid;
+        v[u] = i < num_pages ? __ldg(row + i) : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const int i = base + u * kSelectThreads + tid;
+        if (i < num_pages) staged[(i % per_thread) * kSelectThreads + i / per_thread] = order_key(v[u]);
+      }
+    }
+  }
+  for (int b = tid; b < kAllBuckets; b += kSelectThreads) hist[b] = 0;
+  __syncthreads();
+  auto raw_key = [&](int j) {  // the j-th page of this thread, j < mine
+    return kStaged ? staged[j * kSelectThreads + tid] : order_key(__ldg(row + begin + j));
+  };
+  const uint32_t minus_inf = order_key(-INFINITY), plus_inf = order_key(INFINITY);
+  if (keep_first) {
+    for (int j = 0; j < mine; ++j) {
+      if (raw_key(j) > minus_inf) {
+        atomicMin(&sink, begin + j);
+        break;
+      }
+    }
+    __syncthreads();
+  }
+  const int sink_page = sink;  // num_pages when not keeping the first page
+  const uint32_t sink_key = order_key(FLT_MAX);
+  auto key_at = [&](int j) { return begin + j == sink_page ? sink_key : raw_key(j); };
+  auto key_value = [](uint32_t key) { return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key); };
+
+  // Finite range of the row (forced and padding pages excluded).
+  float lo = INFINITY, hi = -INFINITY;
+  for (int j = 0; j < mine; ++j) {
+    const uint32_t key = key_at(j);
+    if (key > minus_inf && key < plus_inf && begin + j != sink_page) {
+      lo = fminf(lo, key_value(key));
+      hi = fmaxf(hi, key_value(key));
+    }
+  }
+  lo = Reduce(temp.reduce).Reduce(lo, [](float a, float b) { return fminf(a, b); });
+  __syncthreads();
+  hi = Reduce(temp.reduce).Reduce(hi, [](float a, float b) { return fmaxf(a, b); });
+  if (tid == 0) {
+    lo_all = lo;
+    hi_all = hi;
+  }
+  __syncthreads();
+  lo = lo_all;
+  hi = hi_all;
+  const float scale = hi > lo ? kBuckets / (hi - lo) : 0.f;
+  // Monotone in the key: subtracting and scaling by positive constants preserve order under rounding.
+  auto bucket_of = [&](int j, uint32_t key) -> int {
+    if (key <= minus_inf) return 0;
+    if (key >= plus_inf || begin + j == sink_page) return kAllBuckets - 1;
+    return 1 + min(kBuckets - 1, static_cast<int>((key_value(key) - lo) * scale));
+  };
+  for (int j = 0; j < mine; ++j) atomicAdd(&hist[bucket_of(j, key_at(j))], 1);
+  __syncthreads();
+  // Thread t holds buckets counted from the top: kAllBuckets - 1 - (t * kBucketsPerThread + i).
+  int local = 0;
+#pragma unroll
+  for (int i = 0; i < kBucketsPerThread; ++i) {
+    const int b = kAllBuckets - 1 - (tid * kBucketsPerThread + i);
+    if (b >= 0) local += hist[b];
+  }
+  int above;
+  Scan(temp.scan).ExclusiveSum(local, above);
+#pragma unroll
+  for (int i = 0; i < kBucketsPerThread; ++i) {
+    const int b = kAllBuckets - 1 - (tid * kBucketsPerThread + i);
+    if (b >= 0) {
+      const int count = hist[b];
+      if (above < k && above + count >= k) {
+        boundary = b;
+        boundary_rest = k - above;
+      }
+      above += count;
+    }
+  }
+  __syncthreads();
+  const int bucket = boundary, rest_in_bucket = boundary_rest, candidates = hist[bucket];
+
+  if (candidates <= kMaxCandidates) {
+    // Rank the boundary bucket's pages exactly; they were numbered in page order by a prefix sum.
+    int mine_in_bucket = 0;
+    for (int j = 0; j < mine; ++j) mine_in_bucket += bucket_of(j, key_at(j)) == bucket;
+    int slot0;
+    Scan(temp.scan).ExclusiveSum(mine_in_bucket, slot0);
+    for (int j = 0, slot = slot0; j < mine; ++j) {
+      const uint32_t key = key_at(j);
+      if (bucket_of(j, key) == bucket) cand_key[slot++] = key;
+    }
+    __syncthreads();
+    for (int c = tid; c < candidates; c += kSelectThreads) {
+      const uint32_t key = cand_key[c];
+      int rank = 0;
+      for (int u = 0; u < candidates; ++u) {
+        const uint32_t other = cand_key[u];
+        rank += other > key || (other == key && u < c);
+      }
+      cand_take[c] = rank < rest_in_bucket;
+    }
+    __syncthreads();
+    int taken = 0;
+    for (int j = 0, slot = slot0; j < mine; ++j) {
+      const int b = bucket_of(j, key_at(j));
+      taken += b > bucket || (b == bucket && cand_take[slot++]);
+    }
+    int position;
+    Scan(temp.scan).ExclusiveSum(taken, position);
+    for (int j = 0, slot = slot0; j < mine; ++j) {
+      const int b = bucket_of(j, key_at(j));
+      const bool take = b > bucket || (b == bucket && cand_take[slot++]);
+      if (take && position < k) out[position++] = begin + j;
+    }
+    return;
+  }
+
+  // Radix path.
+  uint32_t prefix = 0, mask = 0;
+  int rest = k;  // how many of the pages matching `prefix` (under `mask`) are still to be taken
+#pragma unroll 1
+  for (int shift = 32 - kRadixBits; shift >= 0; shift -= kRadixBits) {
+#pragma unroll
+    for (int b = 0; b < kBins; ++b) lane_hist[warp][b][lane] = 0;
+    for (int j = 0; j < mine; ++j) {
+      const uint32_t key = key_at(j);
+      if ((key & mask) == prefix) ++lane_hist[warp][(key >> shift) & (kBins - 1)][lane];
+    }
+    __syncthreads();
+    // Warp b counts bin b: a sum over warps, then over lanes.
+    if (warp < kBins) {
+      int count = 0;
+#pragma unroll
+      for (int w = 0; w < kSelectWarps; ++w) count += lane_hist[w][warp][lane];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) count += __shfl_xor_sync(0xffffffffu, count, offset);
+      if (lane == 0) bin_count[warp] = count;
+    }
+    __syncthreads();
+    if (warp == 0) {
+      // Lane l holds bin kBins - 1 - l; the inclusive sum counts the pages with a digit >= kBins - 1 - l.
+      const int count = lane < kBins ? bin_count[kBins - 1 - lane] : 0;
+      int at_least = count;
+#pragma unroll
+      for (int offset = 1; offset < 32; offset *= 2) {
+        const int other = __shfl_up_sync(0xffffffffu, at_least, offset);
+        if (lane >= offset) at_least += other;
+      }
+      const int above_bin = at_least - count;
+      if (lane < kBins && above_bin < rest && at_least >= rest) {
+        chosen_digit = kBins - 1 - lane;
+        chosen_rest = rest - above_bin;
+        chosen_done = count == rest - above_bin;  // the whole bin is taken: no need to look at lower bits
+      }
+    }
+    __syncthreads();
+    prefix |= static_cast<uint32_t>(chosen_digit) << shift;
+    mask |= static_cast<uint32_t>(kBins - 1) << shift;
+    rest = chosen_rest;
+    const bool done = chosen_done;
+    if (done) break;
+  }
+
+  // Take every page whose masked key is above `prefix`, and the first `rest` pages equal to it.
+  int equal = 0;
+  for (int j = 0; j < mine; ++j) equal += (key_at(j) & mask) == prefix;
+  int equal_before;
+  Scan(temp.scan).ExclusiveSum(equal, equal_before);
+  __syncthreads();
+  int taken = 0;
+  for (int j = 0, e = equal_before; j < mine; ++j) {
+    const uint32_t key = key_at(j) & mask;
+    if (key > prefix) {
+      ++taken;
+    } else if (key == prefix) {
+      taken += e < rest;
+      ++e;
+    }
+  }
+  int position;
+  Scan(temp.scan).ExclusiveSum(taken, position);
+  for (int j = 0, e = equal_before; j < mine; ++j) {
+    const uint32_t key = key_at(j) & mask;
+    bool take = key > prefix;
+    if (key == prefix) {
+      take = e < rest;
+      ++e;
+    }
+    if (take && position < k) out[position++] = begin + j;
+  }
+}
+
+}  // namespace quest
+
+void select_pages(at::Tensor& indices, const at::Tensor& scores, bool keep_first) {
+  TORCH_CHECK(scores.is_cuda() && scores.scalar_type() == at::kFloat && scores.dim() == 3 && scores.stride(2) == 1,
+              "scores must be a float32 CUDA tensor [B, Hs, P] contiguous along pages");
+  TORCH_CHECK(scores.stride(0) == scores.size(1) * scores.stride(1), "scores rows must be evenly strided");
+  TORCH_CHECK(indices.is_cuda() && indices.scalar_type() == at::kInt && indices.is_contiguous() && indices.dim() == 3 &&
+                  indices.size(0) == scores.size(0) && indices.size(1) == scores.size(1),
+              "indices must be a contiguous int32 CUDA tensor [B, Hs, K]");
+  const int64_t num_pages = scores.size(2), k = indices.size(2);
+  TORCH_CHECK(k >= 1 && k <= num_pages, "need 1 <= K <= pages, got K=", k, " pages=", num_pages);
+  const int64_t rows = scores.size(0) * scores.size(1);
+  if (rows == 0) return;
+  const c10::cuda::CUDAGuard guard(scores.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t staged_pages = (num_pages + quest::kSelectThreads - 1) / quest::kSelectThreads * quest::kSelectThreads;
+  if (staged_pages <= quest::kMaxSharedPages) {
+    const int smem = static_cast<int>(staged_pages * sizeof(uint32_t));
+    static bool raised[64] = {false};  // the opt-in above 48 KB (static + dynamic) is per device and kernel, once
+    const int device = scores.get_device();
+    if (device >= 0 && device < 64 && !raised[device]) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(quest::select_pages_kernel<true>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          quest::kMaxSharedPages * static_cast<int>(sizeof(uint32_t))));
+      raised[device] = true;
+    }
+    quest::launch_pdl(quest::select_pages_kernel<true>, dim3(rows), dim3(quest::kSelectThreads), smem, stream,
+                      scores.data_ptr<float>(), scores.stride(1), static_cast<int>(num_pages), static_cast<int>(k),
+                      indices.data_ptr<int>(), keep_first);
+  } else {
+    quest::launch_pdl(quest::select_pages_kernel<false>, dim3(rows), dim3(quest::kSelectThreads), 0, stream,
+                      scores.data_ptr<float>(), scores.stride(1), static_cast<int>(num_pages), static_cast<int>(k),
+                      indices.data_ptr<int>(), keep_first);
+  }
+}
