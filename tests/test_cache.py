@@ -54,7 +54,7 @@ def test_keys_and_values_round_trip_through_growth():
         capacities.add(layer.capacity)
     HANDOFF.take()
     assert torch.equal(out_k, keys) and torch.equal(out_v, values)
-    assert len(capacities) <= 3  # geometric growth: 256 -> 512 -> 1024, not one allocation per token
+    assert len(capacities) <= 6  # geometric growth (x1.25 from 256): a handful of allocations, not one per token
 
 
 @pytest.mark.parametrize("remove", [1, 5, 16, 20, 33])

@@ -89,19 +89,51 @@ def test_decode_step_traces_as_one_graph(model_pair):
     torch.testing.assert_close(actual, expected)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_static_cache_on_gpu_matches_the_torch_backend(dtype):
-    """The compiled kernels (when they load) and the PyTorch ops give the same tokens through a static cache."""
+def gpu_model(dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from transformers_quest import set_backend
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=256, num_hidden_layers=3,
                          num_attention_heads=8, num_key_value_heads=2, head_dim=64)
     model = LlamaForCausalLM(config).to("cuda", dtype).eval()
     model.set_attn_implementation("quest")
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@pytest.mark.gpu
+def test_decode_step_with_kernels_traces_as_one_graph():
+    """With the CUDA backend inside: no graph break (a break makes generate recompile per layer)."""
+    model = gpu_model(torch.float16)
+    ids = prompt(length=700).cuda()
+    cache = QuestCache(64, dense_layers=1, max_cache_len=720)
+    model(ids, past_key_values=cache)
+    eager_cache = QuestCache(64, dense_layers=1, max_cache_len=720)
+    model(ids, past_key_values=eager_cache)
+    step, position = prompt(length=1, seed=9).cuda(), torch.tensor([[700]], device="cuda")
+    from transformers.masking_utils import create_masks_for_generate
+
+    def forward(model_fn, past):
+        mask = create_masks_for_generate(
+            config=model.config, inputs_embeds=torch.empty(1, 1, 0, device="cuda", dtype=torch.float16),
+            attention_mask=torch.ones(1, 701, dtype=torch.long, device="cuda"), past_key_values=past,
+            position_ids=position,
+        )
+        return model_fn(input_ids=step, attention_mask=mask, position_ids=position, past_key_values=past).logits
+
+    expected = forward(model.forward, eager_cache)
+    torch._dynamo.reset()
+    actual = forward(torch.compile(model.forward, backend="eager", fullgraph=True), cache)
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_static_cache_on_gpu_matches_the_torch_backend(dtype):
+    """The compiled kernels (when they load) and the PyTorch ops give the same tokens through a static cache."""
+    from transformers_quest import set_backend
+
+    model = gpu_model(dtype)
     ids = prompt(2, length=700).cuda()
     outputs = {}
     try:

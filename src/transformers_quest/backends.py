@@ -61,6 +61,7 @@ _kernel: ModuleType | None = None
 _kernel_error: str | None = None
 _kernel_tried = False
 _cuda_ops: "CudaOps | None" = None
+_resolved: dict[str, "SimpleNamespace | CudaOps"] = {}
 
 
 def set_backend(name: str) -> None:
@@ -73,6 +74,7 @@ def set_backend(name: str) -> None:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {name!r}.")
     global _forced
     _forced = name
+    _resolved.clear()
 
 
 def requested_backend() -> str:
@@ -129,7 +131,9 @@ def kernel_error() -> str | None:
 
 
 def _vector_layout_problem(name: str, t: torch.Tensor) -> str | None:
-    if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s % 8 for s in t.stride()[:-1]):
+    # data_ptr() cannot be traced; inside a compiled step the buffers are the cache's own allocations (aligned).
+    misaligned = not torch.compiler.is_compiling() and t.data_ptr() % 16
+    if t.stride(-1) != 1 or misaligned or any(s % 8 for s in t.stride()[:-1]):
         return f"{name} is not 16-byte aligned with a contiguous last dimension"
     return None
 
@@ -238,7 +242,18 @@ class CudaOps:
 
 
 def get_ops(device: torch.device) -> SimpleNamespace | CudaOps:
-    """The ops for tensors on ``device``; logs once per device type which backend runs."""
+    """The ops for tensors on ``device``; logs once per device type which backend runs.
+
+    Resolved once per device type and remembered, so that a compiled decode step only reads a dict (reading the
+    environment or loading the kernel inside a traced region would break the graph).
+    """
+    ops = _resolved.get(device.type)
+    if ops is None:
+        ops = _resolved[device.type] = _resolve_ops(device)
+    return ops
+
+
+def _resolve_ops(device: torch.device) -> SimpleNamespace | CudaOps:
     name = requested_backend()
     ops = TORCH_OPS
     if name != "torch" and device.type == "cuda":

@@ -84,11 +84,13 @@ class QuestLayer(CacheLayerMixin):
         return 0 if self._key_buffer is None else self._key_buffer.shape[2]
 
     def _reserve(self, needed: int) -> None:
-        """Grow the buffers to hold ``needed`` tokens, doubling so that appends cost amortised O(1)."""
+        """Grow the buffers to hold ``needed`` tokens, geometrically so that appends cost amortised O(1)."""
         if needed <= self.capacity:
             return
         page_size = self.config.page_size
-        capacity = max(needed, 2 * self.capacity, 256)
+        # Growth by 1.25x: still amortised O(1) per token, and a long context's last reallocation (old and new
+        # buffers alive at once) costs 2.25x its KV instead of 3x. Set max_cache_len to avoid reallocations.
+        capacity = max(needed, self.capacity + self.capacity // 4, 256)
         capacity = -(-capacity // page_size) * page_size
         old = (self._key_buffer, self._value_buffer, self.page_min, self.page_max)
         self._allocate(capacity, old[0].shape[-1], old[1].shape[-1])
