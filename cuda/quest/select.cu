@@ -1,7 +1,7 @@
 // Top-k page selection: the K best-scoring pages of every row of scores, as ascending page indices.
 //
-// One block per row; the row's order-preserving keys are staged in shared memory (transposed, so that a warp's
-// reads hit 32 banks). Exact, ties to the lower page index, in two ways:
+// One block per row; the row's order-preserving keys are staged in shared memory (transposed with a padded pitch,
+// so that a warp's reads and the staging stores spread over the banks). Exact, ties to the lower page index, in two ways:
 //  * bucket path (the usual case): one histogram of the finite scores over kBuckets linear buckets between the
 //    row's finite min and max (-inf and the forced pages get a bucket below / above them) finds the bucket holding
 //    the K-th best page; the pages of that bucket (few, as scores spread over the buckets) are ranked exactly
@@ -31,7 +31,8 @@ constexpr int kBuckets = 2048;                // linear buckets over the finite 
 constexpr int kAllBuckets = kBuckets + 2;     // + one for -inf, one for +inf and the sink page
 constexpr int kBucketsPerThread = (kAllBuckets + kSelectThreads - 1) / kSelectThreads;
 constexpr int kMaxCandidates = 512;           // pages of the boundary bucket ranked against each other
-constexpr int kMaxSharedPages = 40 * 1024;    // 160 KB of staged keys; longer rows are read from L2 each pass
+constexpr int kStride = kSelectThreads + 1;   // staged row pitch: +1 word spreads the transposed stores over banks
+constexpr int kMaxSharedBytes = 160 * 1024;  // staged keys (4 B) and buckets (2 B) per page; longer rows use L2
 
 template <bool kStaged>
 __global__ void __launch_bounds__(kSelectThreads)
@@ -76,14 +77,14 @@ __global__ void __launch_bounds__(kSelectThreads)
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u) {
         const int i = base + u * kSelectThreads + tid;
-        if (i < num_pages) staged[(i % per_thread) * kSelectThreads + i / per_thread] = order_key(v[u]);
+        if (i < num_pages) staged[(i % per_thread) * kStride + i / per_thread] = order_key(v[u]);
       }
     }
   }
   for (int b = tid; b < kAllBuckets; b += kSelectThreads) hist[b] = 0;
   __syncthreads();
   auto raw_key = [&](int j) {  // the j-th page of this thread, j < mine
-    return kStaged ? staged[j * kSelectThreads + tid] : order_key(__ldg(row + begin + j));
+    return kStaged ? staged[j * kStride + tid] : order_key(__ldg(row + begin + j));
   };
   const uint32_t minus_inf = order_key(-INFINITY), plus_inf = order_key(INFINITY);
   if (keep_first) {
@@ -126,7 +127,14 @@ __global__ void __launch_bounds__(kSelectThreads)
     if (key >= plus_inf || begin + j == sink_page) return kAllBuckets - 1;
     return 1 + min(kBuckets - 1, static_cast<int>((key_value(key) - lo) * scale));
   };
-  for (int j = 0; j < mine; ++j) atomicAdd(&hist[bucket_of(j, key_at(j))], 1);
+  // Buckets are computed once and cached next to the keys (the row's work is issue-bound on one SM).
+  uint16_t* bucket_cache = reinterpret_cast<uint16_t*>(staged + per_thread * kStride);
+  for (int j = 0; j < mine; ++j) {
+    const int b = bucket_of(j, key_at(j));
+    if (kStaged) bucket_cache[j * kStride + tid] = static_cast<uint16_t>(b);
+    atomicAdd(&hist[b], 1);
+  }
+  auto bucket_at = [&](int j) -> int { return kStaged ? bucket_cache[j * kStride + tid] : bucket_of(j, key_at(j)); };
   __syncthreads();
   // Thread t holds buckets counted from the top: kAllBuckets - 1 - (t * kBucketsPerThread + i).
   int local = 0;
@@ -155,12 +163,11 @@ __global__ void __launch_bounds__(kSelectThreads)
   if (candidates <= kMaxCandidates) {
     // Rank the boundary bucket's pages exactly; they were numbered in page order by a prefix sum.
     int mine_in_bucket = 0;
-    for (int j = 0; j < mine; ++j) mine_in_bucket += bucket_of(j, key_at(j)) == bucket;
+    for (int j = 0; j < mine; ++j) mine_in_bucket += bucket_at(j) == bucket;
     int slot0;
     Scan(temp.scan).ExclusiveSum(mine_in_bucket, slot0);
     for (int j = 0, slot = slot0; j < mine; ++j) {
-      const uint32_t key = key_at(j);
-      if (bucket_of(j, key) == bucket) cand_key[slot++] = key;
+      if (bucket_at(j) == bucket) cand_key[slot++] = key_at(j);
     }
     __syncthreads();
     for (int c = tid; c < candidates; c += kSelectThreads) {
@@ -175,13 +182,13 @@ __global__ void __launch_bounds__(kSelectThreads)
     __syncthreads();
     int taken = 0;
     for (int j = 0, slot = slot0; j < mine; ++j) {
-      const int b = bucket_of(j, key_at(j));
+      const int b = bucket_at(j);
       taken += b > bucket || (b == bucket && cand_take[slot++]);
     }
     int position;
     Scan(temp.scan).ExclusiveSum(taken, position);
     for (int j = 0, slot = slot0; j < mine; ++j) {
-      const int b = bucket_of(j, key_at(j));
+      const int b = bucket_at(j);
       const bool take = b > bucket || (b == bucket && cand_take[slot++]);
       if (take && position < k) out[position++] = begin + j;
     }
@@ -278,15 +285,16 @@ void select_pages(at::Tensor& indices, const at::Tensor& scores, bool keep_first
   if (rows == 0) return;
   const c10::cuda::CUDAGuard guard(scores.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t staged_pages = (num_pages + quest::kSelectThreads - 1) / quest::kSelectThreads * quest::kSelectThreads;
-  if (staged_pages <= quest::kMaxSharedPages) {
-    const int smem = static_cast<int>(staged_pages * sizeof(uint32_t));
+  const int64_t per_thread = (num_pages + quest::kSelectThreads - 1) / quest::kSelectThreads;
+  const int64_t staged_bytes = per_thread * quest::kStride * (sizeof(uint32_t) + sizeof(uint16_t));
+  if (staged_bytes <= quest::kMaxSharedBytes) {
+    const int smem = static_cast<int>(staged_bytes);
     static bool raised[64] = {false};  // the opt-in above 48 KB (static + dynamic) is per device and kernel, once
     const int device = scores.get_device();
     if (device >= 0 && device < 64 && !raised[device]) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(quest::select_pages_kernel<true>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          quest::kMaxSharedPages * static_cast<int>(sizeof(uint32_t))));
+                                          quest::kMaxSharedBytes));
       raised[device] = true;
     }
     quest::launch_pdl(quest::select_pages_kernel<true>, dim3(rows), dim3(quest::kSelectThreads), smem, stream,
