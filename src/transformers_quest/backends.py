@@ -170,6 +170,17 @@ def decode_unsupported(
     return None
 
 
+def metadata_unsupported(keys: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor) -> str | None:
+    """Why the CUDA metadata ops cannot run on these tensors (None if they can)."""
+    if keys.dtype not in KERNEL_DTYPES or page_min.dtype != keys.dtype or keys.shape[-1] % 8:
+        return f"dtype {keys.dtype} / head_dim {keys.shape[-1]}"
+    for name, t in (("keys", keys), ("page_min", page_min), ("page_max", page_max)):
+        problem = _vector_layout_problem(name, t)
+        if problem:
+            return problem
+    return None
+
+
 class CudaOps:
     """The compiled kernels behind the backend interface; calls they do not fit go to the reference."""
 
@@ -181,12 +192,7 @@ class CudaOps:
     def refresh_pages(
         self, page_min: torch.Tensor, page_max: torch.Tensor, keys: torch.Tensor, start: int, end: int, page_size: int
     ) -> None:
-        problem = None
-        if keys.dtype not in KERNEL_DTYPES or page_min.dtype != keys.dtype or keys.shape[-1] % 8:
-            problem = f"dtype {keys.dtype} / head_dim {keys.shape[-1]}"
-        else:
-            for name, t in (("keys", keys), ("page_min", page_min), ("page_max", page_max)):
-                problem = problem or _vector_layout_problem(name, t)
+        problem = metadata_unsupported(keys, page_min, page_max)
         if problem:
             _log_once(("refresh", problem), f"transformers-quest: page metadata on torch for {problem}")
             return reference.refresh_pages(page_min, page_max, keys, start, end, page_size)
@@ -195,12 +201,7 @@ class CudaOps:
     def append_pages(
         self, page_min: torch.Tensor, page_max: torch.Tensor, keys: torch.Tensor, seq_lens: torch.Tensor, page_size: int
     ) -> None:
-        problem = None
-        if keys.dtype not in KERNEL_DTYPES or page_min.dtype != keys.dtype or keys.shape[-1] % 8:
-            problem = f"dtype {keys.dtype} / head_dim {keys.shape[-1]}"
-        else:
-            for name, t in (("keys", keys), ("page_min", page_min), ("page_max", page_max)):
-                problem = problem or _vector_layout_problem(name, t)
+        problem = metadata_unsupported(keys, page_min, page_max)
         if problem:
             _log_once(("append", problem), f"transformers-quest: page metadata on torch for {problem}")
             return reference.append_pages(page_min, page_max, keys, seq_lens, page_size)
