@@ -114,3 +114,20 @@ def test_h2o_eviction_is_permanent_and_budgeted():
 def test_spec_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SelectorSpec(**kwargs)
+
+
+def test_torch_only_aggregations():
+    from transformers_quest.reference import page_minmax, page_scores
+
+    torch.manual_seed(0)
+    query, keys = torch.randn(1, 6, 16), torch.randn(1, 2, 160, 16)
+    low, high = page_minmax(keys, 16)
+    per_head = page_scores(query, low, high, 0.5, "none").view(1, 2, 3, 10)
+    expected = torch.softmax(per_head / 4.0, dim=-1).amax(dim=2)
+    torch.testing.assert_close(page_scores(query, low, high, 0.5, "softmax"), expected)
+    # "rank": the top 3 * m pages are the union of every head's own top m (when those are distinct enough).
+    ranked = page_scores(query, low, high, 0.5, "rank")
+    for m in (1, 2):
+        top = set(ranked[0, 0].topk(3 * m).indices.tolist())
+        for head in range(3):
+            assert set(per_head[0, 0, head].topk(m).indices.tolist()) <= top

@@ -5,10 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 AGGREGATIONS = ("max", "sum", "none")
-"""How the query heads of one GQA group combine their page scores.
+"""How the query heads of one GQA group combine their page scores (every backend supports these).
 
 ``"max"`` / ``"sum"``: one page selection per KV head, shared by its query heads (reads each selected page once).
 ``"none"``: one selection per query head (the paper's MHA behaviour; on GQA models a KV head may read more pages).
+"""
+
+TORCH_ONLY_AGGREGATIONS = ("softmax", "rank")
+"""Shared selections that first put the group's heads on one scale; PyTorch reference only (no compiled kernel).
+
+``"softmax"``: max over the group of each head's softmax over pages (scores scaled by 1/sqrt(D)), so a head with a
+large ``|q|`` no longer outvotes the others. ``"rank"``: a page's best rank in any head of the group, i.e. the union
+of the heads' own top lists (ties broken by ``"softmax"``). Same metadata and matmuls as Quest; ``"rank"`` adds a
+sort over pages per head.
 """
 
 
@@ -28,7 +37,7 @@ class QuestConfig:
             Contexts that fit are attended densely.
         page_size (`int`, defaults to 16): tokens per page; a positive power of two.
         dense_layers (`int`, defaults to 2): the first layers always attend densely (they are not sparse).
-        aggregation (`str`, defaults to ``"max"``): see `AGGREGATIONS`.
+        aggregation (`str`, defaults to ``"max"``): see `AGGREGATIONS` and `TORCH_ONLY_AGGREGATIONS`.
         spread (`float`, defaults to 1.0): page score ``q.c + spread * |q|.r`` with ``c``/``r`` the centre and
             half-width of the page's min/max box. ``1.0`` is the paper's upper bound ``sum max(q*max, q*min)``;
             ``0.0`` scores the box centre. Values below 1 are no longer an upper bound of ``q.k``.
@@ -54,8 +63,10 @@ class QuestConfig:
         dense_layers = _check_int("dense_layers", self.dense_layers)
         if dense_layers < 0:
             raise ValueError(f"`dense_layers` must be >= 0, got {dense_layers}.")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {self.aggregation!r}.")
+        if self.aggregation not in AGGREGATIONS + TORCH_ONLY_AGGREGATIONS:
+            raise ValueError(
+                f"`aggregation` must be one of {AGGREGATIONS + TORCH_ONLY_AGGREGATIONS}, got {self.aggregation!r}."
+            )
         if isinstance(self.spread, bool) or not isinstance(self.spread, (int, float)):
             raise TypeError(f"`spread` must be a float in [0, 1], got {type(self.spread).__name__} ({self.spread!r}).")
         if not 0.0 <= float(self.spread) <= 1.0:

@@ -76,11 +76,35 @@ def page_scores(
     scores = q @ ((high + low) * 0.5).transpose(-1, -2)  # [B, Hkv, G, P]
     if spread:
         scores = scores + spread * (q.abs() @ ((high - low) * 0.5).transpose(-1, -2))
+    if aggregation in ("softmax", "rank"):
+        return _normalised_aggregate(scores, aggregation, dim)
+    return aggregate_scores(scores, aggregation)
+
+
+def aggregate_scores(scores: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Combine per-query-head page scores [B, Hkv, G, P] (fp32) of each GQA group -> [B, Hs, P].
+
+    ``"max"`` / ``"sum"`` / ``"none"`` as in `config.AGGREGATIONS`; ``"softmax"`` / ``"rank"`` as in
+    `config.TORCH_ONLY_AGGREGATIONS` (scores taken as logits scaled by 1/sqrt(D)).
+    """
+    batch, kv_heads, group, num_pages = scores.shape
     if aggregation == "max":
         return scores.amax(dim=2)
     if aggregation == "sum":
         return scores.sum(dim=2)
-    return scores.reshape(batch, q_heads, num_pages)
+    if aggregation == "none":
+        return scores.reshape(batch, kv_heads * group, num_pages)
+    raise ValueError(f"`aggregation` {aggregation!r} needs the head dimension: use page_scores.")
+
+
+def _normalised_aggregate(scores: torch.Tensor, aggregation: str, dim: int) -> torch.Tensor:
+    probs = torch.softmax(scores * dim**-0.5, dim=-1)  # [B, Hkv, G, P]
+    best = probs.amax(dim=2)
+    if aggregation == "softmax":
+        return best
+    # "rank": best rank over the group (0 = a head's top page); probabilities in [0, 1) only break ties.
+    rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
+    return -rank.amin(dim=2).float() + 0.5 * best
 
 
 def select_pages(
