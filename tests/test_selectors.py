@@ -131,3 +131,10 @@ def test_torch_only_aggregations():
         top = set(ranked[0, 0].topk(3 * m).indices.tolist())
         for head in range(3):
             assert set(per_head[0, 0, head].topk(m).indices.tolist()) <= top
+
+
+def test_paper_config_is_the_exact_bound():
+    from transformers_quest import QuestConfig
+
+    config = QuestConfig.paper(256, dense_layers=3)
+    assert (config.budget, config.spread, config.aggregation, config.dense_layers) == (256, 1.0, "max", 3)

@@ -74,6 +74,12 @@ class QuestConfig:
         if not isinstance(self.keep_first_page, bool):
             raise TypeError(f"`keep_first_page` must be a bool, got {self.keep_first_page!r}.")
 
+    @classmethod
+    def paper(cls, budget: int = 2048, **overrides) -> QuestConfig:
+        """The paper's exact min/max Quest: ``spread=1.0`` (the upper bound ``sum_i max(q_i max_i, q_i min_i)``),
+        one selection per KV head (max over the group), other fields as given."""
+        return cls(budget=budget, **{"spread": 1.0, "aggregation": "max", **overrides})
+
     @property
     def page_budget(self) -> int:
         """Pages attended per decode step, the current page included."""
