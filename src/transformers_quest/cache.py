@@ -230,7 +230,7 @@ class QuestCache(Cache):
         page_size (`int`, defaults to 16): tokens per page, a power of two.
         dense_layers (`int`, defaults to 2): the first layers attend densely.
         aggregation (`str`, defaults to ``"max"``): how a GQA group combines page scores ("max", "sum", "none").
-        spread (`float`, defaults to 1.0): weight of the box half-width in the page score (1.0 = Quest's bound).
+        spread (`float`, defaults to 0.5): weight of the box half-width in the page score (1.0 = Quest's bound).
         keep_first_page (`bool`, defaults to False): always attend to the first page.
         config (`QuestConfig`, *optional*): all of the above at once; excludes the other arguments.
 
@@ -247,7 +247,7 @@ class QuestCache(Cache):
         page_size: int = 16,
         dense_layers: int = 2,
         aggregation: str = "max",
-        spread: float = 1.0,
+        spread: float = 0.5,
         keep_first_page: bool = False,
         *,
         config: QuestConfig | None = None,
