@@ -3,6 +3,9 @@
 set -euo pipefail
 python -m transformers_quest.evaluation --h2o-window 256 perplexity --length 8192 --window 256 --budgets 256 1024 \
   --methods dense oracle default quest-paper streaming h2o
-python -m transformers_quest.evaluation --h2o-window 256 ruler --length 4096 --prompts 2 --budgets 256 1024 \
+# One prompt per task first, so that every task has a result early; the second call adds the second prompts.
+python -m transformers_quest.evaluation --h2o-window 256 ruler --length 4096 --prompts 1 --budgets 256 1024 \
   --methods dense oracle default quest-paper streaming h2o
 python -m transformers_quest.evaluation diagnose --length 4096 --prompts 5
+python -m transformers_quest.evaluation --h2o-window 256 ruler --length 4096 --prompts 2 --budgets 256 1024 \
+  --methods dense oracle default quest-paper streaming h2o
