@@ -56,6 +56,7 @@ SPECS = [
     SelectorSpec("quest", budget=32, page_size=8, dense_layers=1, aggregation="max", spread=1.0),
     SelectorSpec("quest", budget=32, page_size=8, dense_layers=1, aggregation="none", spread=0.25),
     SelectorSpec("quest", budget=48, page_size=8, dense_layers=1, aggregation="sum", spread=0.0, keep_first_page=True),
+    SelectorSpec("quest", budget=48, page_size=8, dense_layers=1, spread=0.5, recent_pages=2),
     SelectorSpec("oracle", budget=32, page_size=8, dense_layers=1),
     SelectorSpec("streaming", budget=32, dense_layers=1),
     SelectorSpec("h2o", budget=32, dense_layers=1),
@@ -138,3 +139,15 @@ def test_paper_config_is_the_exact_bound():
 
     config = QuestConfig.paper(256, dense_layers=3)
     assert (config.budget, config.spread, config.aggregation, config.dense_layers) == (256, 1.0, "max", 3)
+
+
+def test_recent_pages_are_kept_and_capped():
+    from transformers_quest import QuestConfig
+    from transformers_quest.reference import select_pages
+
+    scores = torch.arange(10.0, 0.0, -1.0).view(1, 1, 10)  # page 0 best ... page 9 worst
+    assert select_pages(scores, 5, 9, recent_pages=2).tolist() == [[[0, 1, 7, 8, 9]]]
+    assert QuestConfig(budget=64, recent_pages=4).forced_recent_pages == 1  # 4 pages: 1 recent, 2 by score
+    assert QuestConfig(budget=1024, recent_pages=4).forced_recent_pages == 4
+    with pytest.raises(ValueError, match="recent_pages"):
+        QuestConfig(recent_pages=-1)

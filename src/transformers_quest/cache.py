@@ -232,6 +232,7 @@ class QuestCache(Cache):
         aggregation (`str`, defaults to ``"max"``): how a GQA group combines page scores ("max", "sum", "none").
         spread (`float`, defaults to 0.5): weight of the box half-width in the page score (1.0 = Quest's bound).
         keep_first_page (`bool`, defaults to False): always attend to the first page.
+        recent_pages (`int`, defaults to 0): always attend to the pages just before the current one.
         config (`QuestConfig`, *optional*): all of the above at once; excludes the other arguments.
 
     Example:
@@ -250,10 +251,11 @@ class QuestCache(Cache):
         spread: float = 0.5,
         keep_first_page: bool = False,
         *,
+        recent_pages: int = 0,
         config: QuestConfig | None = None,
     ):
         if config is None:
-            config = QuestConfig(budget, page_size, dense_layers, aggregation, spread, keep_first_page)
+            config = QuestConfig(budget, page_size, dense_layers, aggregation, spread, keep_first_page, recent_pages)
         elif not isinstance(config, QuestConfig):
             raise TypeError(f"`config` must be a QuestConfig, got {type(config).__name__}.")
         self.config = config

@@ -46,6 +46,9 @@ class QuestConfig:
             maxima across pages, and 0.5 kept the most passkey answers of the shared selections measured
             (eval/README.md).
         keep_first_page (`bool`, defaults to False): always attend to the first page (the attention sink).
+        recent_pages (`int`, defaults to 0): always attend to this many pages just before the current one (a local
+            window), capped at ``(page_budget - 1) // 2`` so that at least half of the chosen pages are chosen by
+            score. Same metadata and scoring as Quest; PyTorch reference only until the kernels support it.
     """
 
     budget: int = 2048
@@ -54,6 +57,7 @@ class QuestConfig:
     aggregation: str = "max"
     spread: float = 0.5
     keep_first_page: bool = False
+    recent_pages: int = 0
 
     def __post_init__(self) -> None:
         page_size = _check_int("page_size", self.page_size)
@@ -75,6 +79,9 @@ class QuestConfig:
             raise TypeError(f"`spread` must be a float in [0, 1], got {type(self.spread).__name__} ({self.spread!r}).")
         if not 0.0 <= float(self.spread) <= 1.0:
             raise ValueError(f"`spread` must be in [0, 1] (1 = Quest's upper bound), got {self.spread}.")
+        recent_pages = _check_int("recent_pages", self.recent_pages)
+        if recent_pages < 0:
+            raise ValueError(f"`recent_pages` must be >= 0, got {recent_pages}.")
         if not isinstance(self.keep_first_page, bool):
             raise TypeError(f"`keep_first_page` must be a bool, got {self.keep_first_page!r}.")
 
@@ -88,3 +95,8 @@ class QuestConfig:
     def page_budget(self) -> int:
         """Pages attended per decode step, the current page included."""
         return self.budget // self.page_size
+
+    @property
+    def forced_recent_pages(self) -> int:
+        """Recent pages kept without scoring, after the cap."""
+        return min(self.recent_pages, (self.page_budget - 1) // 2)

@@ -113,8 +113,10 @@ def select_pages(
     current_page: int,
     page_valid: torch.Tensor | None = None,
     sink_page: torch.Tensor | None = None,
+    recent_pages: int = 0,
 ) -> torch.Tensor:
-    """Indices of the pages to attend: the current page, the sink page if given, then the top-scoring rest.
+    """Indices of the pages to attend: the current page, the ``recent_pages`` before it, the sink page if given,
+    then the top-scoring rest.
 
     Args:
         scores: [B, Hs, P]
@@ -132,7 +134,7 @@ def select_pages(
         ranked.masked_fill_(~page_valid[:, None, :], float("-inf"))
     if sink_page is not None:
         ranked.scatter_(2, sink_page.view(batch, 1, 1).expand(batch, heads, 1), float("inf"))
-    ranked[:, :, current_page] = float("inf")
+    ranked[:, :, max(current_page - recent_pages, 0) : current_page + 1] = float("inf")
     indices = ranked.topk(min(page_budget, num_pages), dim=-1).indices
     return indices.sort(dim=-1).values
 
@@ -215,7 +217,9 @@ def quest_decode(
             else torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
         )
     scores = page_scores(query, page_min[:, :, :num_pages], page_max[:, :, :num_pages], config.spread, config.aggregation)
-    page_indices = select_pages(scores, config.page_budget, num_pages - 1, page_valid, sink_page)
+    page_indices = select_pages(
+        scores, config.page_budget, num_pages - 1, page_valid, sink_page, config.forced_recent_pages
+    )
     token_mask = pages_to_token_mask(page_indices, num_pages, page_size, length)
     if key_valid is not None:
         token_mask = token_mask & key_valid[:, None, :]

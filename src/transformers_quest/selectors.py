@@ -53,6 +53,7 @@ class SelectorSpec:
         aggregation (`str`, defaults to ``"max"``): how a GQA group combines page scores (``quest``, ``oracle``).
         spread (`float`, defaults to `QuestConfig`'s): weight of the box half-width (``quest``).
         keep_first_page (`bool`, defaults to False): always keep the first page (``quest``).
+        recent_pages (`int`, defaults to `QuestConfig`'s): pages before the current one always kept (``quest``).
         sink_tokens (`int`, defaults to 4): attention sinks kept by ``streaming``.
         recent_ratio (`float`, defaults to 0.5): share of the budget kept for the most recent tokens (``h2o``).
     """
@@ -64,6 +65,7 @@ class SelectorSpec:
     aggregation: str = QuestConfig.aggregation
     spread: float = QuestConfig.spread
     keep_first_page: bool = False
+    recent_pages: int = QuestConfig.recent_pages
     sink_tokens: int = 4
     recent_ratio: float = 0.5
 
@@ -81,7 +83,13 @@ class SelectorSpec:
 
     def quest_config(self) -> QuestConfig:
         return QuestConfig(
-            self.budget, self.page_size, self.dense_layers, self.aggregation, float(self.spread), self.keep_first_page
+            self.budget,
+            self.page_size,
+            self.dense_layers,
+            self.aggregation,
+            float(self.spread),
+            self.keep_first_page,
+            self.recent_pages,
         )
 
     @property
@@ -90,6 +98,7 @@ class SelectorSpec:
         if self.kind == "quest":
             label = f"quest[{self.aggregation},s={self.spread:g}"
             label += ",sink" if self.keep_first_page else ""
+            label += f",recent={self.recent_pages}" if self.recent_pages else ""
             label += f",p={self.page_size}" if self.page_size != 16 else ""
             label += f",d={self.dense_layers}" if self.dense_layers != 2 else ""
             return label + "]"
@@ -239,7 +248,8 @@ class _PageSelector(LayerSelector):
         sink = None
         if spec.keep_first_page:
             sink = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
-        pages = select_pages(scores, spec.budget // spec.page_size, num_pages - 1, None, sink)
+        recent = spec.quest_config().forced_recent_pages if spec.kind == "quest" else 0
+        pages = select_pages(scores, spec.budget // spec.page_size, num_pages - 1, None, sink, recent)
         return pages_to_token_mask(pages, num_pages, spec.page_size, length), pages
 
 
