@@ -21,10 +21,11 @@ from transformers_quest import QuestCache, QuestConfig, QuestLayer, set_backend
         (dict(page_size=-16), ValueError, r"`page_size`.*got -16"),
         (dict(page_size=True), TypeError, r"`page_size` must be an int, got bool"),
         (dict(dense_layers=-1), ValueError, r"`dense_layers` must be >= 0, got -1"),
-        (dict(aggregation="mean"), ValueError, r"`aggregation` must be one of \('max', 'sum', 'none'\), got 'mean'"),
+        (dict(aggregation="mean"), ValueError, r"`aggregation` must be one of \('max', 'sum', 'none', 'softmax', 'rank'\), got 'mean'"),
         (dict(spread=1.5), ValueError, r"`spread` must be in \[0, 1\].*got 1.5"),
         (dict(spread="wide"), TypeError, r"`spread` must be a float"),
         (dict(keep_first_page=1), TypeError, r"`keep_first_page` must be a bool"),
+        (dict(recent_pages=-2), ValueError, r"`recent_pages` must be >= 0, got -2"),
     ],
 )
 def test_bad_settings_raise_named_errors(kwargs, error, message):

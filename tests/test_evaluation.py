@@ -129,3 +129,15 @@ def test_real_model_passkey_grid_short(tmp_path):
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(records) == 7 and records[0]["method"] == "dense" and records[0]["score"] == 1.0
     assert next(r for r in records if r["method"] == "oracle" and r["budget"] == 256)["score"] == 1.0
+
+
+def test_needle_rank_excludes_current_page():
+    import torch
+
+    from transformers_quest.evaluation.diagnose import _rank, diagnose_table
+
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7, 9.0], [0.8, 0.1, 0.2, 0.3, 9.0]])
+    assert _rank(scores, [2]).tolist() == [2, 2]  # the last (current) page, scored 9, does not count
+    assert _rank(scores, [1, 2]).tolist() == [0, 2]
+    table = diagnose_table({3: {"oracle/max": 0.0, "overshoot/std": 4.25}, 4: {"oracle/max": 2.0, "overshoot/std": 5.0}}, 256)
+    assert "| 3 | 0 | 4.2 |" in table and "among 256 pages" in table

@@ -165,3 +165,12 @@ def test_append_pages_with_ragged_device_lengths_equals_recomputation():
         assert torch.equal(page_min[b, :, page], low[0, :, page]) and torch.equal(page_max[b, :, page], high[0, :, page])
         untouched = [p for p in range(6) if p != page]
         assert not page_min[b, :, untouched].any()  # only the newest token's page is written
+
+
+@pytest.mark.parametrize("recent_pages", [0, 2])
+def test_selection_with_device_current_page_equals_python_index(recent_pages):
+    scores = torch.randn(2, 3, 12)
+    expected = select_pages(scores, 6, current_page=9, recent_pages=recent_pages)
+    actual = select_pages(scores, 6, current_page=torch.tensor([9, 9]), recent_pages=recent_pages)
+    assert torch.equal(actual, expected)
+    assert all(p in row for row in actual.reshape(-1, 6).tolist() for p in range(9 - recent_pages, 10))

@@ -56,6 +56,7 @@ SPECS = [
     SelectorSpec("quest", budget=32, page_size=8, dense_layers=1, aggregation="max", spread=1.0),
     SelectorSpec("quest", budget=32, page_size=8, dense_layers=1, aggregation="none", spread=0.25),
     SelectorSpec("quest", budget=48, page_size=8, dense_layers=1, aggregation="sum", spread=0.0, keep_first_page=True),
+    SelectorSpec("quest", budget=48, page_size=8, dense_layers=1, spread=0.5, recent_pages=2),
     SelectorSpec("oracle", budget=32, page_size=8, dense_layers=1),
     SelectorSpec("streaming", budget=32, dense_layers=1),
     SelectorSpec("h2o", budget=32, dense_layers=1),
@@ -114,3 +115,39 @@ def test_h2o_eviction_is_permanent_and_budgeted():
 def test_spec_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SelectorSpec(**kwargs)
+
+
+def test_torch_only_aggregations():
+    from transformers_quest.reference import page_minmax, page_scores
+
+    torch.manual_seed(0)
+    query, keys = torch.randn(1, 6, 16), torch.randn(1, 2, 160, 16)
+    low, high = page_minmax(keys, 16)
+    per_head = page_scores(query, low, high, 0.5, "none").view(1, 2, 3, 10)
+    expected = torch.softmax(per_head / 4.0, dim=-1).amax(dim=2)
+    torch.testing.assert_close(page_scores(query, low, high, 0.5, "softmax"), expected)
+    # "rank": the top 3 * m pages are the union of every head's own top m (when those are distinct enough).
+    ranked = page_scores(query, low, high, 0.5, "rank")
+    for m in (1, 2):
+        top = set(ranked[0, 0].topk(3 * m).indices.tolist())
+        for head in range(3):
+            assert set(per_head[0, 0, head].topk(m).indices.tolist()) <= top
+
+
+def test_paper_config_is_the_exact_bound():
+    from transformers_quest import QuestConfig
+
+    config = QuestConfig.paper(256, dense_layers=3)
+    assert (config.budget, config.spread, config.aggregation, config.dense_layers) == (256, 1.0, "max", 3)
+
+
+def test_recent_pages_are_kept_and_capped():
+    from transformers_quest import QuestConfig
+    from transformers_quest.reference import select_pages
+
+    scores = torch.arange(10.0, 0.0, -1.0).view(1, 1, 10)  # page 0 best ... page 9 worst
+    assert select_pages(scores, 5, 9, recent_pages=2).tolist() == [[[0, 1, 7, 8, 9]]]
+    assert QuestConfig(budget=64, recent_pages=4).forced_recent_pages == 1  # 4 pages: 1 recent, 2 by score
+    assert QuestConfig(budget=1024, recent_pages=4).forced_recent_pages == 4
+    with pytest.raises(ValueError, match="recent_pages"):
+        QuestConfig(recent_pages=-1)

@@ -32,7 +32,7 @@ import torch
 from transformers.utils import logging
 
 from . import reference
-from .config import QuestConfig
+from .config import AGGREGATIONS, QuestConfig
 
 logger = logging.get_logger(__name__)
 
@@ -148,6 +148,10 @@ def decode_unsupported(
     config: QuestConfig,
 ) -> str | None:
     """Why the CUDA decode cannot run this call (None if it can)."""
+    if config.aggregation not in AGGREGATIONS:
+        return f"aggregation {config.aggregation!r} (kernels: {AGGREGATIONS})"
+    if config.forced_recent_pages:
+        return f"recent_pages={config.recent_pages} (kernels: 0)"
     if query.dtype not in KERNEL_DTYPES:
         return f"dtype {query.dtype} (kernels: float16, bfloat16)"
     if any(t.dtype != query.dtype for t in (keys, values, page_min, page_max)):

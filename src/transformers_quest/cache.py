@@ -368,8 +368,9 @@ class QuestCache(Cache):
         page_size (`int`, defaults to 16): tokens per page, a power of two.
         dense_layers (`int`, defaults to 2): the first layers attend densely.
         aggregation (`str`, defaults to ``"max"``): how a GQA group combines page scores ("max", "sum", "none").
-        spread (`float`, defaults to 1.0): weight of the box half-width in the page score (1.0 = Quest's bound).
+        spread (`float`, defaults to 0.5): weight of the box half-width in the page score (1.0 = Quest's bound).
         keep_first_page (`bool`, defaults to False): always attend to the first page.
+        recent_pages (`int`, defaults to 0): always attend to the pages just before the current one.
         config (`QuestConfig`, *optional*): all of the above at once; excludes the other arguments.
         max_cache_len (`int`, *optional*): preallocate this many tokens (prompt + new tokens) per layer and make
             the cache compileable: on a GPU, ``generate`` then compiles and graph-captures the decode step.
@@ -387,9 +388,10 @@ class QuestCache(Cache):
         page_size: int = 16,
         dense_layers: int = 2,
         aggregation: str = "max",
-        spread: float = 1.0,
+        spread: float = 0.5,
         keep_first_page: bool = False,
         *,
+        recent_pages: int = 0,
         config: QuestConfig | None = None,
         max_cache_len: int | None = None,
     ):
@@ -398,7 +400,7 @@ class QuestCache(Cache):
         ):
             raise ValueError(f"`max_cache_len` must be a positive int or None, got {max_cache_len!r}.")
         if config is None:
-            config = QuestConfig(budget, page_size, dense_layers, aggregation, spread, keep_first_page)
+            config = QuestConfig(budget, page_size, dense_layers, aggregation, spread, keep_first_page, recent_pages)
         elif not isinstance(config, QuestConfig):
             raise TypeError(f"`config` must be a QuestConfig, got {type(config).__name__}.")
         self.config = config

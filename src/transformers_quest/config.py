@@ -5,10 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 AGGREGATIONS = ("max", "sum", "none")
-"""How the query heads of one GQA group combine their page scores.
+"""How the query heads of one GQA group combine their page scores (every backend supports these).
 
 ``"max"`` / ``"sum"``: one page selection per KV head, shared by its query heads (reads each selected page once).
 ``"none"``: one selection per query head (the paper's MHA behaviour; on GQA models a KV head may read more pages).
+"""
+
+TORCH_ONLY_AGGREGATIONS = ("softmax", "rank")
+"""Shared selections that first put the group's heads on one scale; PyTorch reference only (no compiled kernel).
+
+``"softmax"``: max over the group of each head's softmax over pages (scores scaled by 1/sqrt(D)), so a head with a
+large ``|q|`` no longer outvotes the others. ``"rank"``: a page's best rank in any head of the group, i.e. the union
+of the heads' own top lists (ties broken by ``"softmax"``). Same metadata and matmuls as Quest; ``"rank"`` adds a
+sort over pages per head.
 """
 
 
@@ -28,19 +37,27 @@ class QuestConfig:
             Contexts that fit are attended densely.
         page_size (`int`, defaults to 16): tokens per page; a positive power of two.
         dense_layers (`int`, defaults to 2): the first layers always attend densely (they are not sparse).
-        aggregation (`str`, defaults to ``"max"``): see `AGGREGATIONS`.
-        spread (`float`, defaults to 1.0): page score ``q.c + spread * |q|.r`` with ``c``/``r`` the centre and
-            half-width of the page's min/max box. ``1.0`` is the paper's upper bound ``sum max(q*max, q*min)``;
-            ``0.0`` scores the box centre. Values below 1 are no longer an upper bound of ``q.k``.
+        aggregation (`str`, defaults to ``"max"``): see `AGGREGATIONS` and `TORCH_ONLY_AGGREGATIONS`.
+        spread (`float`, defaults to 0.5): page score ``q.c + spread * |q|.r`` with ``c``/``r`` the centre and
+            half-width of the page's min/max box. ``1.0`` is the paper's upper bound ``sum max(q*max, q*min)``
+            (`QuestConfig.paper`); ``0.0`` scores the box centre. Below 1 the score is no longer an upper bound of
+            ``q.k``: a page whose keys are all far below its box corner can be ranked above one holding the true
+            maximum. On SmolLM2 (GQA 9/3) the bound overshoots true page maxima by 3-7 standard deviations of those
+            maxima across pages, and 0.5 kept the most passkey answers of the shared selections measured
+            (eval/README.md).
         keep_first_page (`bool`, defaults to False): always attend to the first page (the attention sink).
+        recent_pages (`int`, defaults to 0): always attend to this many pages just before the current one (a local
+            window), capped at ``(page_budget - 1) // 2`` so that at least half of the chosen pages are chosen by
+            score. Same metadata and scoring as Quest; PyTorch reference only until the kernels support it.
     """
 
     budget: int = 2048
     page_size: int = 16
     dense_layers: int = 2
     aggregation: str = "max"
-    spread: float = 1.0
+    spread: float = 0.5
     keep_first_page: bool = False
+    recent_pages: int = 0
 
     def __post_init__(self) -> None:
         page_size = _check_int("page_size", self.page_size)
@@ -54,16 +71,32 @@ class QuestConfig:
         dense_layers = _check_int("dense_layers", self.dense_layers)
         if dense_layers < 0:
             raise ValueError(f"`dense_layers` must be >= 0, got {dense_layers}.")
-        if self.aggregation not in AGGREGATIONS:
-            raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {self.aggregation!r}.")
+        if self.aggregation not in AGGREGATIONS + TORCH_ONLY_AGGREGATIONS:
+            raise ValueError(
+                f"`aggregation` must be one of {AGGREGATIONS + TORCH_ONLY_AGGREGATIONS}, got {self.aggregation!r}."
+            )
         if isinstance(self.spread, bool) or not isinstance(self.spread, (int, float)):
             raise TypeError(f"`spread` must be a float in [0, 1], got {type(self.spread).__name__} ({self.spread!r}).")
         if not 0.0 <= float(self.spread) <= 1.0:
             raise ValueError(f"`spread` must be in [0, 1] (1 = Quest's upper bound), got {self.spread}.")
+        recent_pages = _check_int("recent_pages", self.recent_pages)
+        if recent_pages < 0:
+            raise ValueError(f"`recent_pages` must be >= 0, got {recent_pages}.")
         if not isinstance(self.keep_first_page, bool):
             raise TypeError(f"`keep_first_page` must be a bool, got {self.keep_first_page!r}.")
+
+    @classmethod
+    def paper(cls, budget: int = 2048, **overrides) -> QuestConfig:
+        """The paper's exact min/max Quest: ``spread=1.0`` (the upper bound ``sum_i max(q_i max_i, q_i min_i)``),
+        one selection per KV head (max over the group), other fields as given."""
+        return cls(budget=budget, **{"spread": 1.0, "aggregation": "max", **overrides})
 
     @property
     def page_budget(self) -> int:
         """Pages attended per decode step, the current page included."""
         return self.budget // self.page_size
+
+    @property
+    def forced_recent_pages(self) -> int:
+        """Recent pages kept without scoring, after the cap."""
+        return min(self.recent_pages, (self.page_budget - 1) // 2)

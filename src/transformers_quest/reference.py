@@ -102,11 +102,35 @@ def page_scores(
     scores = q @ ((high + low) * 0.5).transpose(-1, -2)  # [B, Hkv, G, P]
     if spread:
         scores = scores + spread * (q.abs() @ ((high - low) * 0.5).transpose(-1, -2))
+    if aggregation in ("softmax", "rank"):
+        return _normalised_aggregate(scores, aggregation, dim)
+    return aggregate_scores(scores, aggregation)
+
+
+def aggregate_scores(scores: torch.Tensor, aggregation: str) -> torch.Tensor:
+    """Combine per-query-head page scores [B, Hkv, G, P] (fp32) of each GQA group -> [B, Hs, P].
+
+    ``"max"`` / ``"sum"`` / ``"none"`` as in `config.AGGREGATIONS`; ``"softmax"`` / ``"rank"`` as in
+    `config.TORCH_ONLY_AGGREGATIONS` (scores taken as logits scaled by 1/sqrt(D)).
+    """
+    batch, kv_heads, group, num_pages = scores.shape
     if aggregation == "max":
         return scores.amax(dim=2)
     if aggregation == "sum":
         return scores.sum(dim=2)
-    return scores.reshape(batch, q_heads, num_pages)
+    if aggregation == "none":
+        return scores.reshape(batch, kv_heads * group, num_pages)
+    raise ValueError(f"`aggregation` {aggregation!r} needs the head dimension: use page_scores.")
+
+
+def _normalised_aggregate(scores: torch.Tensor, aggregation: str, dim: int) -> torch.Tensor:
+    probs = torch.softmax(scores * dim**-0.5, dim=-1)  # [B, Hkv, G, P]
+    best = probs.amax(dim=2)
+    if aggregation == "softmax":
+        return best
+    # "rank": best rank over the group (0 = a head's top page); probabilities in [0, 1) only break ties.
+    rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1)
+    return -rank.amin(dim=2).float() + 0.5 * best
 
 
 def select_pages(
@@ -115,8 +139,10 @@ def select_pages(
     current_page: int | torch.Tensor,
     page_valid: torch.Tensor | None = None,
     sink_page: torch.Tensor | None = None,
+    recent_pages: int = 0,
 ) -> torch.Tensor:
-    """Indices of the pages to attend: the current page, the sink page if given, then the top-scoring rest.
+    """Indices of the pages to attend: the current page, the ``recent_pages`` before it, the sink page if given,
+    then the top-scoring rest.
 
     Args:
         scores: [B, Hs, P]
@@ -136,9 +162,11 @@ def select_pages(
     if sink_page is not None:
         ranked.scatter_(2, sink_page.view(batch, 1, 1).expand(batch, heads, 1), float("inf"))
     if isinstance(current_page, torch.Tensor):
-        ranked.scatter_(2, current_page.view(batch, 1, 1).expand(batch, heads, 1), float("inf"))
+        # [B, recent_pages + 1]: the current page and the ones just before it, per sequence.
+        forced = (current_page.view(batch, 1) - torch.arange(recent_pages + 1, device=scores.device)).clamp(min=0)
+        ranked.scatter_(2, forced[:, None, :].expand(batch, heads, -1), float("inf"))
     else:
-        ranked[:, :, current_page] = float("inf")
+        ranked[:, :, max(current_page - recent_pages, 0) : current_page + 1] = float("inf")
     indices = ranked.topk(min(page_budget, num_pages), dim=-1).indices
     return indices.sort(dim=-1).values
 
@@ -225,7 +253,9 @@ def quest_decode(
         )
     scores = page_scores(query, page_min[:, :, :num_pages], page_max[:, :, :num_pages], config.spread, config.aggregation)
     current_page = num_pages - 1 if seq_lens is None else (seq_lens.long() - 1) // page_size
-    page_indices = select_pages(scores, config.page_budget, current_page, page_valid, sink_page)
+    page_indices = select_pages(
+        scores, config.page_budget, current_page, page_valid, sink_page, config.forced_recent_pages
+    )
     token_mask = pages_to_token_mask(page_indices, num_pages, page_size, length)
     if key_valid is not None:
         token_mask = token_mask & key_valid[:, None, :]

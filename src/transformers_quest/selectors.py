@@ -29,7 +29,14 @@ import torch
 
 from .cache import QuestCache, QuestLayer
 from .config import AGGREGATIONS, QuestConfig
-from .reference import page_minmax, page_scores, pages_to_token_mask, select_pages
+from .reference import (
+    _normalised_aggregate,
+    aggregate_scores,
+    page_minmax,
+    page_scores,
+    pages_to_token_mask,
+    select_pages,
+)
 
 KINDS = ("quest", "oracle", "streaming", "h2o", "dense")
 
@@ -46,6 +53,7 @@ class SelectorSpec:
         aggregation (`str`, defaults to ``"max"``): how a GQA group combines page scores (``quest``, ``oracle``).
         spread (`float`, defaults to `QuestConfig`'s): weight of the box half-width (``quest``).
         keep_first_page (`bool`, defaults to False): always keep the first page (``quest``).
+        recent_pages (`int`, defaults to `QuestConfig`'s): pages before the current one always kept (``quest``).
         sink_tokens (`int`, defaults to 4): attention sinks kept by ``streaming``.
         recent_ratio (`float`, defaults to 0.5): share of the budget kept for the most recent tokens (``h2o``).
     """
@@ -57,6 +65,7 @@ class SelectorSpec:
     aggregation: str = QuestConfig.aggregation
     spread: float = QuestConfig.spread
     keep_first_page: bool = False
+    recent_pages: int = QuestConfig.recent_pages
     sink_tokens: int = 4
     recent_ratio: float = 0.5
 
@@ -67,12 +76,20 @@ class SelectorSpec:
         self.quest_config()
         if self.kind == "streaming" and not 0 <= self.sink_tokens < self.budget:
             raise ValueError(f"`sink_tokens` must be in [0, budget={self.budget}), got {self.sink_tokens}.")
+        if self.kind == "oracle" and self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"`aggregation` of the oracle must be one of {AGGREGATIONS}, got {self.aggregation!r}.")
         if not 0.0 < self.recent_ratio < 1.0:
             raise ValueError(f"`recent_ratio` must be in (0, 1), got {self.recent_ratio}.")
 
     def quest_config(self) -> QuestConfig:
         return QuestConfig(
-            self.budget, self.page_size, self.dense_layers, self.aggregation, float(self.spread), self.keep_first_page
+            self.budget,
+            self.page_size,
+            self.dense_layers,
+            self.aggregation,
+            float(self.spread),
+            self.keep_first_page,
+            self.recent_pages,
         )
 
     @property
@@ -81,6 +98,7 @@ class SelectorSpec:
         if self.kind == "quest":
             label = f"quest[{self.aggregation},s={self.spread:g}"
             label += ",sink" if self.keep_first_page else ""
+            label += f",recent={self.recent_pages}" if self.recent_pages else ""
             label += f",p={self.page_size}" if self.page_size != 16 else ""
             label += f",d={self.dense_layers}" if self.dense_layers != 2 else ""
             return label + "]"
@@ -118,11 +136,7 @@ def oracle_page_scores(logits: torch.Tensor, page_size: int, aggregation: str) -
     pad = num_pages * page_size - length
     padded = torch.nn.functional.pad(logits.float(), (0, pad), value=float("-inf"))
     per_head = padded.view(batch, kv_heads, group, num_pages, page_size).amax(dim=-1)  # [B, Hkv, G, P]
-    if aggregation == "max":
-        return per_head.amax(dim=2)
-    if aggregation == "sum":
-        return per_head.sum(dim=2)
-    return per_head.reshape(batch, kv_heads * group, num_pages)
+    return aggregate_scores(per_head, aggregation)
 
 
 def streaming_token_mask(length: int, budget: int, sink_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -234,7 +248,8 @@ class _PageSelector(LayerSelector):
         sink = None
         if spec.keep_first_page:
             sink = torch.zeros(scores.shape[0], dtype=torch.long, device=scores.device)
-        pages = select_pages(scores, spec.budget // spec.page_size, num_pages - 1, None, sink)
+        recent = spec.quest_config().forced_recent_pages if spec.kind == "quest" else 0
+        pages = select_pages(scores, spec.budget // spec.page_size, num_pages - 1, None, sink, recent)
         return pages_to_token_mask(pages, num_pages, spec.page_size, length), pages
 
 
@@ -247,13 +262,11 @@ class QuestSelector(_PageSelector):
         num_pages = math.ceil(logits.shape[-1] / self.spec.page_size)
         if page_terms is not None:
             centre, radius = page_terms
-            scores = centre + self.spec.spread * radius if self.spec.spread else centre.clone()
-            if self.spec.aggregation == "max":
-                scores = scores.amax(dim=2)
-            elif self.spec.aggregation == "sum":
-                scores = scores.sum(dim=2)
+            scores = centre + self.spec.spread * radius if self.spec.spread else centre
+            if self.spec.aggregation in ("softmax", "rank"):
+                scores = _normalised_aggregate(scores, self.spec.aggregation, query.shape[-1])
             else:
-                scores = scores.flatten(1, 2)
+                scores = aggregate_scores(scores, self.spec.aggregation)
         else:
             scores = page_scores(
                 query, page_min[:, :, :num_pages], page_max[:, :, :num_pages], self.spec.spread, self.spec.aggregation
@@ -415,7 +428,7 @@ def H2OCache(budget: int, recent_ratio: float = 0.5, dense_layers: int = 2) -> S
 def OracleCache(budget: int, page_size: int = 16, dense_layers: int = 2, aggregation: str = "max") -> SelectorCache:
     """Pages ranked by their exact ``max q.k`` (reads every key: a yardstick, not a method)."""
     if aggregation not in AGGREGATIONS:
-        raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {aggregation!r}.")
+        raise ValueError(f"`aggregation` must be one of {AGGREGATIONS}, got {aggregation!r}.")  # exact maxima: no rescaling
     return SelectorCache(SelectorSpec("oracle", budget=budget, page_size=page_size, dense_layers=dense_layers, aggregation=aggregation))
 
 

@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--budgets", type=int, nargs="+", default=[256, 1024])
     q.add_argument("--methods", nargs="+", default=SHORT_METHODS)
     q.add_argument("--name", default="perplexity")
+    d = sub.add_parser("diagnose", help="where each page scorer ranks the needle's page, per layer (passkey)")
+    d.add_argument("--length", type=int, default=4096)
+    d.add_argument("--prompts", type=int, default=5)
     sub.add_parser("report", help="rebuild markdown tables and plots from the JSONL files in --out")
     return parser
 
@@ -54,6 +57,21 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     from .report import write_report
 
+    if args.command == "diagnose":
+        from ..models import load_smollm2
+        from .diagnose import diagnose, diagnose_table
+
+        model, tokenizer = load_smollm2("sdpa")
+        result = diagnose(model, tokenizer, args.length, args.prompts)
+        table = diagnose_table(result, args.length // 16)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"diagnose_{args.length}.md").write_text(
+            f"# Needle-page ranks, passkey at {args.length} tokens, {args.prompts} prompts\n\n{table}\n\n"
+            f"`python -m transformers_quest.evaluation {' '.join(argv)}`\n"
+        )
+        (args.out / f"diagnose_{args.length}.json").write_text(json.dumps({"environment": environment(argv), "layers": result}, indent=1) + "\n")
+        print(table)
+        return
     if args.command != "report":
         from ..models import load_smollm2
 

@@ -31,6 +31,7 @@ class _State:
     layer: GridLayer | None = None
     record_window: int | None = None  # None: record nothing; otherwise the last N prefill queries (0 = all)
     column_sums: dict[int, torch.Tensor] = {}
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None  # layer -> (last query, keys)
 
 
 _STATE = _State()
@@ -41,6 +42,8 @@ def _prefill_attention(module, query, key, value, attention_mask, dropout=0.0, s
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         window = _STATE.record_window or None
         _STATE.column_sums[module.layer_idx] = attention_column_sums(query, key, scale, window)
+    if _STATE.captured is not None:
+        _STATE.captured[module.layer_idx] = (query[0, :, -1].float().clone(), key[0].float().clone())
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
 
@@ -89,6 +92,18 @@ def prefill(model, input_ids: torch.Tensor, h2o_window: int | None = None) -> Pr
         sums = [_STATE.column_sums[i] for i in range(len(layers))]
     _STATE.column_sums = {}
     return Prefix([l.keys for l in layers], [l.values for l in layers], sums, out.logits[0, -1].float())
+
+
+@torch.no_grad()
+def capture_last_query(model, input_ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Dense forward of ``input_ids`` [1, L]; per layer the last token's query [Hq, D] and all keys [Hkv, L, D]."""
+    model.set_attn_implementation(PREFILL_ATTENTION)
+    _STATE.captured = {}
+    try:
+        model(input_ids, use_cache=False, logits_to_keep=1)
+        return _STATE.captured
+    finally:
+        _STATE.captured = None
 
 
 @dataclass
