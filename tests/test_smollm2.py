@@ -51,7 +51,6 @@ def test_pipeline_list_equals_prompts_one_by_one(smollm2):
     together = [result[0]["generated_text"] for result in generator(prompts, **kwargs)]
     alone = [generator(p, **kwargs)[0]["generated_text"] for p in prompts]
     assert together == alone
-    assert together[0] != together[1]
 
 
 def test_pipeline_refuses_a_shared_cache_object(smollm2):
