@@ -17,6 +17,7 @@ from transformers_quest.evaluation.tasks import (
     perplexity_text,
     ruler_prompt,
 )
+from transformers_quest import QuestConfig
 from transformers_quest.selectors import SelectorSpec
 
 
@@ -69,7 +70,8 @@ def test_perplexity_text_is_long_plain_english():
 
 
 def test_parse_method():
-    assert parse_method("quest-paper") == SelectorSpec("quest", aggregation="max", spread=1.0)
+    assert parse_method("quest-paper") == SelectorSpec("quest", aggregation="max", spread=1.0, keep_first_page=False)
+    assert parse_method("quest-paper").quest_config() == QuestConfig.paper(2048)
     spec = parse_method("quest:aggregation=none,spread=0.25,page_size=8,keep_first_page=true")
     assert (spec.aggregation, spec.spread, spec.page_size, spec.keep_first_page) == ("none", 0.25, 8, True)
     assert parse_method("streaming:sink_tokens=8").sink_tokens == 8
