@@ -93,7 +93,7 @@ def _plot_accuracy(records: list[dict], lengths: list[int], path: Path, title: s
     for ax, length in zip(axes[0], lengths):
         subset = [r for r in records if _target_length(r) == length]
         budgets = _budgets(subset)
-        for m in methods:
+        for index, m in enumerate(methods):
             dense = [r["score"] for r in subset if r["method"] == m and r["budget"] is None]
             if dense:
                 ax.axhline(100 * sum(dense) / len(dense), color="black", linestyle="--", label=f"{m}")
@@ -103,7 +103,7 @@ def _plot_accuracy(records: list[dict], lengths: list[int], path: Path, title: s
                 s = [r["score"] for r in subset if r["method"] == m and r["budget"] == b]
                 ys.append(100 * sum(s) / len(s) if s else math.nan)
             if not all(math.isnan(y) for y in ys):
-                ax.plot(budgets, ys, marker="o", label=m)
+                ax.plot(budgets, ys, marker="o", label=m, color=f"C{index % 10}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.set_ylim(-5, 105)
@@ -111,7 +111,11 @@ def _plot_accuracy(records: list[dict], lengths: list[int], path: Path, title: s
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{title}, {length} tokens")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    handles = {}
+    for ax in axes[0]:  # one legend with every method, whichever subplot it appears in
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
