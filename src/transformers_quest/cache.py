@@ -369,7 +369,7 @@ class QuestCache(Cache):
         dense_layers (`int`, defaults to 2): the first layers attend densely.
         aggregation (`str`, defaults to ``"max"``): how a GQA group combines page scores ("max", "sum", "none").
         spread (`float`, defaults to 0.5): weight of the box half-width in the page score (1.0 = Quest's bound).
-        keep_first_page (`bool`, defaults to False): always attend to the first page.
+        keep_first_page (`bool`, defaults to True): always attend to the first page (the attention sink).
         recent_pages (`int`, defaults to 0): always attend to the pages just before the current one.
         config (`QuestConfig`, *optional*): all of the above at once; excludes the other arguments.
         max_cache_len (`int`, *optional*): preallocate this many tokens (prompt + new tokens) per layer and make
@@ -389,7 +389,7 @@ class QuestCache(Cache):
         dense_layers: int = 2,
         aggregation: str = "max",
         spread: float = 0.5,
-        keep_first_page: bool = False,
+        keep_first_page: bool = True,
         *,
         recent_pages: int = 0,
         config: QuestConfig | None = None,

@@ -52,7 +52,7 @@ class SelectorSpec:
         dense_layers (`int`, defaults to 2): the first layers attend densely.
         aggregation (`str`, defaults to ``"max"``): how a GQA group combines page scores (``quest``, ``oracle``).
         spread (`float`, defaults to `QuestConfig`'s): weight of the box half-width (``quest``).
-        keep_first_page (`bool`, defaults to False): always keep the first page (``quest``).
+        keep_first_page (`bool`, defaults to `QuestConfig`'s): always keep the first page (``quest``).
         recent_pages (`int`, defaults to `QuestConfig`'s): pages before the current one always kept (``quest``).
         sink_tokens (`int`, defaults to 4): attention sinks kept by ``streaming``.
         recent_ratio (`float`, defaults to 0.5): share of the budget kept for the most recent tokens (``h2o``).
@@ -64,7 +64,7 @@ class SelectorSpec:
     dense_layers: int = 2
     aggregation: str = QuestConfig.aggregation
     spread: float = QuestConfig.spread
-    keep_first_page: bool = False
+    keep_first_page: bool = QuestConfig.keep_first_page
     recent_pages: int = QuestConfig.recent_pages
     sink_tokens: int = 4
     recent_ratio: float = 0.5

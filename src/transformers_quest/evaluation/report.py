@@ -93,7 +93,7 @@ def _plot_accuracy(records: list[dict], lengths: list[int], path: Path, title: s
     for ax, length in zip(axes[0], lengths):
         subset = [r for r in records if _target_length(r) == length]
         budgets = _budgets(subset)
-        for m in methods:
+        for index, m in enumerate(methods):
             dense = [r["score"] for r in subset if r["method"] == m and r["budget"] is None]
             if dense:
                 ax.axhline(100 * sum(dense) / len(dense), color="black", linestyle="--", label=f"{m}")
@@ -103,7 +103,7 @@ def _plot_accuracy(records: list[dict], lengths: list[int], path: Path, title: s
                 s = [r["score"] for r in subset if r["method"] == m and r["budget"] == b]
                 ys.append(100 * sum(s) / len(s) if s else math.nan)
             if not all(math.isnan(y) for y in ys):
-                ax.plot(budgets, ys, marker="o", label=m)
+                ax.plot(budgets, ys, marker="o", label=m, color=f"C{index % 10}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.set_ylim(-5, 105)
@@ -111,7 +111,11 @@ def _plot_accuracy(records: list[dict], lengths: list[int], path: Path, title: s
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{title}, {length} tokens")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    handles = {}
+    for ax in axes[0]:  # one legend with every method, whichever subplot it appears in
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    axes[0][-1].legend(handles.values(), handles.keys(), fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -179,7 +183,7 @@ def _passkey_section(records: list[dict], out: Path, stem: str) -> list[str]:
     text += ["### Page recall against the oracle (all prompts, sparse steps, layers)", "", recall_table(records), ""]
     methods = _order(records)
     _plot_accuracy(records, lengths, out / f"{stem}_accuracy.png", "Passkey", methods)
-    heat_methods = [m for m in ("dense", "oracle", "default", "quest-paper", "quest:spread=0.25", "streaming") if m in methods]
+    heat_methods = [m for m in ("dense", "oracle", "default", "quest:keep_first_page=true", "quest-paper", "streaming") if m in methods]
     budgets = _budgets(records)
     heat_budget = 128 if 128 in budgets else budgets[0]
     _plot_heatmap(records, heat_methods, heat_budget, out / f"{stem}_heatmap.png")
@@ -257,13 +261,14 @@ def _ppl_section(records: list[dict], stem: str) -> list[str]:
 HEADLINE = {
     "dense": "dense",
     "oracle": "oracle (exact page max; reads all keys)",
-    "quest:spread=0.5": "default: spread 0.5, shared per KV head",
+    "quest:keep_first_page=true": "default: spread 0.5 + first page, shared per KV head",
+    "quest:spread=0.5,keep_first_page=false": "spread 0.5 without the first page",
     "quest-paper": "Quest paper bound (spread 1), shared",
     "quest-paper-none": "Quest paper bound, per query head (up to 3x reads)",
     "streaming": "StreamingLLM",
     "h2o": "H2O",
 }
-"""Methods of the headline plot, with their legend labels (``quest:spread=0.5`` is the default)."""
+"""Methods of the headline plot, with their legend labels (``quest:keep_first_page=true`` is the default)."""
 
 
 def _headline(out: Path) -> list[str]:
@@ -283,7 +288,7 @@ def _headline(out: Path) -> list[str]:
     lengths = sorted({_target_length(r) for r in unique})
     methods = [HEADLINE[m] for m in HEADLINE]
     _plot_accuracy(unique, lengths, out / "passkey_headline.png", "Passkey, SmolLM2-135M", methods)
-    heat = [HEADLINE[m] for m in ("dense", "oracle", "quest-paper", "quest:spread=0.5", "streaming")]
+    heat = [HEADLINE[m] for m in ("dense", "oracle", "quest-paper", "quest:keep_first_page=true", "streaming")]
     _plot_heatmap(unique, heat, 256, out / "passkey_heatmap_all.png")
     return ["## Headline", "", "![passkey](passkey_headline.png)", "", "![heatmap](passkey_heatmap_all.png)", ""]
 

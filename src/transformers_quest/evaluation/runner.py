@@ -21,9 +21,9 @@ DEFAULT = QuestConfig()
 PRESETS: dict[str, SelectorSpec] = {
     "dense": SelectorSpec("dense"),
     "default": SelectorSpec("quest"),
-    "quest-paper": SelectorSpec("quest", aggregation="max", spread=1.0),
-    "quest-paper-sum": SelectorSpec("quest", aggregation="sum", spread=1.0),
-    "quest-paper-none": SelectorSpec("quest", aggregation="none", spread=1.0),
+    "quest-paper": SelectorSpec("quest", aggregation="max", spread=1.0, keep_first_page=False),
+    "quest-paper-sum": SelectorSpec("quest", aggregation="sum", spread=1.0, keep_first_page=False),
+    "quest-paper-none": SelectorSpec("quest", aggregation="none", spread=1.0, keep_first_page=False),
     "oracle": SelectorSpec("oracle", aggregation="max"),
     "oracle-none": SelectorSpec("oracle", aggregation="none"),
     "streaming": SelectorSpec("streaming"),
