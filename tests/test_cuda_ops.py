@@ -242,7 +242,9 @@ def test_decode_matches_reference(kernel, dtype, case, aggregation, keep_first_p
 
     out, indices = backends.CudaOps(kernel).decode(query, keys, values, low, high, key_valid, config, scaling)
 
-    expected_scores = reference_masked_scores(query, low, high, key_valid, length, page_size, 1.0, aggregation)
+    expected_scores = reference_masked_scores(
+        query, low, high, key_valid, length, page_size, config.spread, aggregation
+    )
     if keep_first_page:  # the kernel ranks the first valid page just below the current one
         first_valid = key_valid.int().argmax(-1) // page_size if key_valid is not None else [0] * batch
         for b in range(batch):
@@ -387,7 +389,10 @@ def test_generate_equals_torch_backend(kernel, dtype, q_heads, kv_heads, head_di
     try:
         for name in ("torch", "cuda"):
             backends.set_backend(name)
-            cache = QuestCache(budget=128, page_size=16, dense_layers=0)
+            # The paper's bound spreads page scores widely, so the backends' different fp32 summation orders do
+            # not reorder pages at the selection boundary over 24 chained steps; selection under the default
+            # (centred) score is compared op by op, up to ties, in test_decode_matches_reference.
+            cache = QuestCache(config=QuestConfig.paper(128, page_size=16, dense_layers=0))
             with torch.no_grad():
                 outputs[name] = model.generate(
                     input_ids, attention_mask=attention_mask, past_key_values=cache, max_new_tokens=24,

@@ -57,6 +57,19 @@ def test_unknown_backend_is_rejected(monkeypatch):
         requested_backend()
 
 
+def test_auto_hands_the_choice_back_to_the_environment(monkeypatch):
+    from transformers_quest.backends import requested_backend
+
+    monkeypatch.setenv("TRANSFORMERS_QUEST_BACKEND", "torch")
+    try:
+        set_backend("cuda")
+        assert requested_backend() == "cuda"  # a forced backend wins over the environment
+        set_backend("auto")
+        assert requested_backend() == "torch"
+    finally:
+        set_backend("auto")
+
+
 def test_softcap_models_are_refused_on_the_sparse_path(model_pair):
     from transformers_quest import quest_attention_forward
     from transformers_quest.handoff import HANDOFF

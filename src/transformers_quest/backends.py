@@ -73,7 +73,7 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"`backend` must be one of {BACKENDS}, got {name!r}.")
     global _forced
-    _forced = name
+    _forced = None if name == "auto" else name  # "auto" hands the choice back to the environment variable
     _resolved.clear()
 
 
