@@ -26,6 +26,7 @@ from transformers_quest import QuestCache, QuestConfig, QuestLayer, set_backend
         (dict(spread="wide"), TypeError, r"`spread` must be a float"),
         (dict(keep_first_page=1), TypeError, r"`keep_first_page` must be a bool"),
         (dict(recent_pages=-2), ValueError, r"`recent_pages` must be >= 0, got -2"),
+        (dict(page_summary="mean"), ValueError, r"`page_summary` must be one of \('minmax', 'centroids'\), got 'mean'"),
     ],
 )
 def test_bad_settings_raise_named_errors(kwargs, error, message):
@@ -84,3 +85,16 @@ def test_softcap_models_are_refused_on_the_sparse_path(model_pair):
     with pytest.raises(ValueError, match="does not support models that use `softcap`"):
         quest_attention_forward(module, query, cache.layers[0].keys, cache.layers[0].values, None, softcap=30.0)
     assert HANDOFF.layer is None
+
+
+def test_centroid_summary_runs_on_the_reference_where_kernels_lack_it():
+    """The kernels compute min/max only: both checks name the setting, so the CUDA backend hands it to torch."""
+    from transformers_quest.backends import decode_unsupported, metadata_unsupported
+
+    keys = torch.randn(1, 2, 64, 64, dtype=torch.float16)
+    meta = torch.randn(1, 2, 4, 64, dtype=torch.float16)
+    query = torch.randn(1, 4, 64, dtype=torch.float16)
+    config = QuestConfig(budget=32, page_summary="centroids")
+    assert "page_summary='centroids'" in decode_unsupported(query, keys, keys, meta, meta, None, config)
+    assert "page_summary='centroids'" in metadata_unsupported(keys, meta, meta, "centroids")
+    assert metadata_unsupported(keys, meta, meta) is None

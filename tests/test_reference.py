@@ -11,6 +11,7 @@ from transformers_quest import QuestConfig
 from transformers_quest.reference import (
     append_pages,
     masked_decode_attention,
+    page_centroids,
     page_minmax,
     page_scores,
     pages_to_token_mask,
@@ -174,3 +175,77 @@ def test_selection_with_device_current_page_equals_python_index(recent_pages):
     actual = select_pages(scores, 6, current_page=torch.tensor([9, 9]), recent_pages=recent_pages)
     assert torch.equal(actual, expected)
     assert all(p in row for row in actual.reshape(-1, 6).tolist() for p in range(9 - recent_pages, 10))
+
+
+# -- page_summary="centroids": two 2-means centroids per page in the min/max slots ----------------------------------
+
+
+def brute_force_two_means(points: torch.Tensor, iterations: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """The documented 2-means written as a plain loop over points (float64): farthest-point seeding, Lloyd steps."""
+    points = points.double()
+    mean = points.mean(0)
+    a = points[max(range(len(points)), key=lambda i: float(((points[i] - mean) ** 2).sum()))].clone()
+    b = points[max(range(len(points)), key=lambda i: float(((points[i] - a) ** 2).sum()))].clone()
+    for _ in range(iterations):
+        near_b = [bool(((p - b) ** 2).sum() < ((p - a) ** 2).sum()) for p in points]
+        members_a = [p for p, nb in zip(points, near_b) if not nb]
+        members_b = [p for p, nb in zip(points, near_b) if nb]
+        a = torch.stack(members_a).mean(0) if members_a else a
+        b = torch.stack(members_b).mean(0) if members_b else b
+    return a, b
+
+
+@pytest.mark.parametrize("length", [1, 16, 23, 64])
+def test_page_centroids_match_a_per_page_two_means(length):
+    torch.manual_seed(length)
+    page_size = 16
+    keys = torch.randn(2, 3, length, 8)
+    a, b = page_centroids(keys, page_size)
+    for p in range(math.ceil(length / page_size)):
+        for bi in range(2):
+            for h in range(3):
+                ea, eb = brute_force_two_means(keys[bi, h, p * page_size : (p + 1) * page_size])
+                torch.testing.assert_close(a[bi, h, p].double(), ea, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(b[bi, h, p].double(), eb, rtol=1e-5, atol=1e-5)
+
+
+def test_page_centroids_recover_two_separated_clusters():
+    torch.manual_seed(0)
+    centres = torch.tensor([[5.0, 0, 0, 0], [-5.0, 1, 0, 0]])
+    members = torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0, 0, 1, 0, 1, 1])
+    keys = (centres[members] + 0.1 * torch.randn(16, 4))[None, None]
+    a, b = page_centroids(keys, 16)
+    found = sorted([a[0, 0, 0], b[0, 0, 0]], key=lambda c: float(c[0]))
+    torch.testing.assert_close(found[0], keys[0, 0][members == 1].mean(0))
+    torch.testing.assert_close(found[1], keys[0, 0][members == 0].mean(0))
+
+
+def test_centroid_metadata_by_refresh_and_by_append_equal_recomputation():
+    page_size, capacity = 16, 96
+    keys = torch.randn(2, 2, capacity, 8)
+    page_min, page_max = torch.zeros(2, 2, capacity // page_size, 8), torch.zeros(2, 2, capacity // page_size, 8)
+    app_min, app_max = page_min.clone(), page_max.clone()
+    refresh_pages(page_min, page_max, keys, 0, 21, page_size, "centroids")
+    refresh_pages(app_min, app_max, keys, 0, 21, page_size, "centroids")
+    for end in range(22, 90):
+        refresh_pages(page_min, page_max, keys, end - 1, end, page_size, "centroids")
+        append_pages(app_min, app_max, keys, torch.full((2,), end), page_size, "centroids")
+        a, b = page_centroids(keys[:, :, :end], page_size)
+        pages = a.shape[2]
+        for got_a, got_b in ((page_min, page_max), (app_min, app_max)):
+            torch.testing.assert_close(got_a[:, :, :pages], a, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(got_b[:, :, :pages], b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", ["max", "sum", "none"])
+def test_centroid_page_scores_are_the_best_centroid_dot_product(aggregation):
+    query, low, high = torch.randn(2, 6, 8), torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+    per_head = torch.empty(2, 6, 5)
+    for b in range(2):
+        for h in range(6):
+            for p in range(5):
+                per_head[b, h, p] = max(float(query[b, h] @ low[b, h // 3, p]), float(query[b, h] @ high[b, h // 3, p]))
+    grouped = per_head.view(2, 2, 3, 5)
+    expected = {"max": grouped.amax(2), "sum": grouped.sum(2), "none": per_head}[aggregation]
+    actual = page_scores(query, low, high, 0.7, aggregation, "centroids")  # spread has no effect here
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)

@@ -2,10 +2,10 @@
 
 This is the one module that knows compiled kernels exist. Every backend offers the same operations:
 
-* ``refresh_pages(page_min, page_max, keys, start, end, page_size)``: fold tokens ``[start, end)`` into the page
-  metadata, in place (see `reference.refresh_pages`).
-* ``append_pages(page_min, page_max, keys, seq_lens, page_size)``: recompute the page holding each sequence's
-  newest token, whose length is a device tensor (static cache; graph-safe).
+* ``refresh_pages(page_min, page_max, keys, start, end, page_size, summary="minmax")``: fold tokens ``[start, end)``
+  into the page metadata, in place (see `reference.refresh_pages`).
+* ``append_pages(page_min, page_max, keys, seq_lens, page_size, summary="minmax")``: recompute the page holding
+  each sequence's newest token, whose length is a device tensor (static cache; graph-safe).
 * ``decode(query, keys, values, page_min, page_max, key_valid, config, scaling, seq_lens=None)
   -> (output, page_indices)``: one sparse decode step (see `reference.quest_decode`; the CUDA backend returns
   int32 page indices).
@@ -152,6 +152,8 @@ def decode_unsupported(
         return f"aggregation {config.aggregation!r} (kernels: {AGGREGATIONS})"
     if config.forced_recent_pages:
         return f"recent_pages={config.recent_pages} (kernels: 0)"
+    if config.page_summary != "minmax":
+        return f"page_summary={config.page_summary!r} (kernels: 'minmax')"
     if query.dtype not in KERNEL_DTYPES:
         return f"dtype {query.dtype} (kernels: float16, bfloat16)"
     if any(t.dtype != query.dtype for t in (keys, values, page_min, page_max)):
@@ -174,8 +176,12 @@ def decode_unsupported(
     return None
 
 
-def metadata_unsupported(keys: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor) -> str | None:
+def metadata_unsupported(
+    keys: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, summary: str = "minmax"
+) -> str | None:
     """Why the CUDA metadata ops cannot run on these tensors (None if they can)."""
+    if summary != "minmax":
+        return f"page_summary={summary!r} (kernels: 'minmax')"
     if keys.dtype not in KERNEL_DTYPES or page_min.dtype != keys.dtype or keys.shape[-1] % 8:
         return f"dtype {keys.dtype} / head_dim {keys.shape[-1]}"
     for name, t in (("keys", keys), ("page_min", page_min), ("page_max", page_max)):
@@ -194,21 +200,34 @@ class CudaOps:
         self.kernel = kernel
 
     def refresh_pages(
-        self, page_min: torch.Tensor, page_max: torch.Tensor, keys: torch.Tensor, start: int, end: int, page_size: int
+        self,
+        page_min: torch.Tensor,
+        page_max: torch.Tensor,
+        keys: torch.Tensor,
+        start: int,
+        end: int,
+        page_size: int,
+        summary: str = "minmax",
     ) -> None:
-        problem = metadata_unsupported(keys, page_min, page_max)
+        problem = metadata_unsupported(keys, page_min, page_max, summary)
         if problem:
             _log_once(("refresh", problem), f"transformers-quest: page metadata on torch for {problem}")
-            return reference.refresh_pages(page_min, page_max, keys, start, end, page_size)
+            return reference.refresh_pages(page_min, page_max, keys, start, end, page_size, summary)
         self.kernel.refresh_pages(page_min, page_max, keys, start, end, page_size)
 
     def append_pages(
-        self, page_min: torch.Tensor, page_max: torch.Tensor, keys: torch.Tensor, seq_lens: torch.Tensor, page_size: int
+        self,
+        page_min: torch.Tensor,
+        page_max: torch.Tensor,
+        keys: torch.Tensor,
+        seq_lens: torch.Tensor,
+        page_size: int,
+        summary: str = "minmax",
     ) -> None:
-        problem = metadata_unsupported(keys, page_min, page_max)
+        problem = metadata_unsupported(keys, page_min, page_max, summary)
         if problem:
             _log_once(("append", problem), f"transformers-quest: page metadata on torch for {problem}")
-            return reference.append_pages(page_min, page_max, keys, seq_lens, page_size)
+            return reference.append_pages(page_min, page_max, keys, seq_lens, page_size, summary)
         self.kernel.append_pages(page_min, page_max, keys, seq_lens, page_size)
 
     def decode(

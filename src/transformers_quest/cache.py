@@ -127,7 +127,8 @@ class QuestLayer(CacheLayerMixin):
     def _refresh_metadata(self, start: int, end: int) -> None:
         if self.keeps_metadata:
             get_ops(self.device).refresh_pages(
-                self.page_min, self.page_max, self._key_buffer, start, end, self.config.page_size
+                self.page_min, self.page_max, self._key_buffer, start, end, self.config.page_size,
+                self.config.page_summary,
             )
 
     # -- decode hooks, called by the "quest" attention function ------------------------------------------------------
@@ -303,7 +304,8 @@ class StaticQuestLayer(QuestLayer):
         if self.keeps_metadata:
             if count == 1:
                 get_ops(self.device).append_pages(
-                    self.page_min, self.page_max, self._key_buffer, self._seq_lens, self.config.page_size
+                    self.page_min, self.page_max, self._key_buffer, self._seq_lens, self.config.page_size,
+                    self.config.page_summary,
                 )
             else:
                 start = int(positions[0])
@@ -371,6 +373,7 @@ class QuestCache(Cache):
         spread (`float`, defaults to 0.5): weight of the box half-width in the page score (1.0 = Quest's bound).
         keep_first_page (`bool`, defaults to True): always attend to the first page (the attention sink).
         recent_pages (`int`, defaults to 0): always attend to the pages just before the current one.
+        page_summary (`str`, defaults to ``"minmax"``): the two vectors kept per page ("minmax" or "centroids").
         config (`QuestConfig`, *optional*): all of the above at once; excludes the other arguments.
         max_cache_len (`int`, *optional*): preallocate this many tokens (prompt + new tokens) per layer and make
             the cache compileable: on a GPU, ``generate`` then compiles and graph-captures the decode step.
@@ -392,6 +395,7 @@ class QuestCache(Cache):
         keep_first_page: bool = True,
         *,
         recent_pages: int = 0,
+        page_summary: str = "minmax",
         config: QuestConfig | None = None,
         max_cache_len: int | None = None,
     ):
@@ -400,7 +404,9 @@ class QuestCache(Cache):
         ):
             raise ValueError(f"`max_cache_len` must be a positive int or None, got {max_cache_len!r}.")
         if config is None:
-            config = QuestConfig(budget, page_size, dense_layers, aggregation, spread, keep_first_page, recent_pages)
+            config = QuestConfig(
+                budget, page_size, dense_layers, aggregation, spread, keep_first_page, recent_pages, page_summary
+            )
         elif not isinstance(config, QuestConfig):
             raise TypeError(f"`config` must be a QuestConfig, got {type(config).__name__}.")
         self.config = config

@@ -11,6 +11,14 @@ AGGREGATIONS = ("max", "sum", "none")
 ``"none"``: one selection per query head (the paper's MHA behaviour; on GQA models a KV head may read more pages).
 """
 
+PAGE_SUMMARIES = ("minmax", "centroids")
+"""The two vectors kept per page and KV head (same bytes either way).
+
+``"minmax"``: Quest's element-wise min and max of the page's keys, scored ``q.c + spread * |q|.r``.
+``"centroids"``: the two centroids of a 2-means clustering of the page's keys, scored ``max(q.c1, q.c2)`` (an
+estimate of the page's best ``q.k``, no bound). PyTorch reference only until the kernels compute the clustering.
+"""
+
 TORCH_ONLY_AGGREGATIONS = ("softmax", "rank")
 """Shared selections that first put the group's heads on one scale; PyTorch reference only (no compiled kernel).
 
@@ -51,6 +59,8 @@ class QuestConfig:
         recent_pages (`int`, defaults to 0): always attend to this many pages just before the current one (a local
             window), capped at ``(page_budget - 1) // 2`` so that at least half of the chosen pages are chosen by
             score. Same metadata and scoring as Quest; PyTorch reference only until the kernels support it.
+        page_summary (`str`, defaults to ``"minmax"``): the two vectors kept per page, see `PAGE_SUMMARIES`;
+            ``spread`` applies to ``"minmax"`` only.
     """
 
     budget: int = 2048
@@ -60,6 +70,7 @@ class QuestConfig:
     spread: float = 0.5
     keep_first_page: bool = True
     recent_pages: int = 0
+    page_summary: str = "minmax"
 
     def __post_init__(self) -> None:
         page_size = _check_int("page_size", self.page_size)
@@ -84,6 +95,8 @@ class QuestConfig:
         recent_pages = _check_int("recent_pages", self.recent_pages)
         if recent_pages < 0:
             raise ValueError(f"`recent_pages` must be >= 0, got {recent_pages}.")
+        if self.page_summary not in PAGE_SUMMARIES:
+            raise ValueError(f"`page_summary` must be one of {PAGE_SUMMARIES}, got {self.page_summary!r}.")
         if not isinstance(self.keep_first_page, bool):
             raise TypeError(f"`keep_first_page` must be a bool, got {self.keep_first_page!r}.")
 
@@ -91,7 +104,8 @@ class QuestConfig:
     def paper(cls, budget: int = 2048, **overrides) -> QuestConfig:
         """The paper's exact min/max Quest: ``spread=1.0`` (the upper bound ``sum_i max(q_i max_i, q_i min_i)``),
         no page kept without scoring, one selection per KV head (max over the group); other fields as given."""
-        return cls(budget=budget, **{"spread": 1.0, "aggregation": "max", "keep_first_page": False, **overrides})
+        defaults = {"spread": 1.0, "aggregation": "max", "keep_first_page": False, "page_summary": "minmax"}
+        return cls(budget=budget, **{**defaults, **overrides})
 
     @property
     def page_budget(self) -> int:

@@ -32,8 +32,73 @@ def page_minmax(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch
     return low, high
 
 
+def two_means(keys: torch.Tensor, valid: torch.Tensor, iterations: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two centroids of each group of keys (2-means, deterministic): a page's summary for ``page_summary="centroids"``.
+
+    Seeded with the key farthest from the mean and the key farthest from that one, then ``iterations`` Lloyd steps
+    (ties go to the first centroid; an emptied cluster keeps its centroid). A group of one key, or of equal keys,
+    gets that key twice.
+
+    Args:
+        keys: [..., S, D]
+        valid: bool, broadcastable to [..., S]; every group has at least one valid key.
+    Returns:
+        centroid_a, centroid_b: [..., D], fp32.
+    """
+    x = keys.float()
+    valid = valid.expand(x.shape[:-1])
+    weight = valid.to(x.dtype)[..., None]
+    mean = (x * weight).sum(-2) / weight.sum(-2).clamp(min=1)
+    norms = (x * x).sum(-1)  # [..., S]
+
+    def distances(centre: torch.Tensor) -> torch.Tensor:  # squared, [..., S], without an [..., S, D] temporary
+        return norms - 2 * (x @ centre[..., :, None]).squeeze(-1) + (centre * centre).sum(-1, keepdim=True)
+
+    def farthest_from(centre: torch.Tensor) -> torch.Tensor:
+        index = distances(centre).masked_fill(~valid, float("-inf")).argmax(-1)
+        return x.gather(-2, index[..., None, None].expand(*index.shape, 1, x.shape[-1])).squeeze(-2)
+
+    a = farthest_from(mean)
+    b = farthest_from(a)
+    for _ in range(iterations):
+        to_b = (distances(b) < distances(a)) & valid
+        to_a = valid & ~to_b
+        for members, centre in ((to_a, a), (to_b, b)):
+            count = members.sum(-1, keepdim=True)
+            centre.copy_(torch.where(count > 0, (x * members[..., None]).sum(-2) / count.clamp(min=1), centre))
+    return a, b
+
+
+def page_centroids(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`two_means` of the keys of every page; a partial last page covers only its tokens.
+
+    Args:
+        keys: [B, H, L, D]
+    Returns:
+        centroid_a, centroid_b: [B, H, ceil(L / page_size), D], in the keys' dtype (kept in the min/max slots).
+    """
+    batch, heads, length, dim = keys.shape
+    num_pages = math.ceil(length / page_size)
+    pad = num_pages * page_size - length
+    pages = torch.nn.functional.pad(keys, (0, 0, 0, pad)).view(batch, heads, num_pages, page_size, dim)
+    valid = (torch.arange(num_pages * page_size, device=keys.device) < length).view(num_pages, page_size)
+    a, b = two_means(pages, valid)
+    return a.to(keys.dtype), b.to(keys.dtype)
+
+
+def page_summary(keys: torch.Tensor, page_size: int, summary: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """The two vectors per page that ``summary`` (`config.PAGE_SUMMARIES`) keeps, in the min/max slots."""
+    return page_centroids(keys, page_size) if summary == "centroids" else page_minmax(keys, page_size)
+
+
 def refresh_pages(
-    page_min: torch.Tensor, page_max: torch.Tensor, keys: torch.Tensor, start: int, end: int, page_size: int
+    page_min: torch.Tensor,
+    page_max: torch.Tensor,
+    keys: torch.Tensor,
+    start: int,
+    end: int,
+    page_size: int,
+    summary: str = "minmax",
 ) -> None:
     """Recompute, in place, the metadata of the pages that tokens ``[start, end)`` fall in.
 
@@ -48,13 +113,18 @@ def refresh_pages(
         return
     first_page = start // page_size
     last_page = (end - 1) // page_size
-    low, high = page_minmax(keys[:, :, first_page * page_size : end], page_size)
+    low, high = page_summary(keys[:, :, first_page * page_size : end], page_size, summary)
     page_min[:, :, first_page : last_page + 1] = low
     page_max[:, :, first_page : last_page + 1] = high
 
 
 def append_pages(
-    page_min: torch.Tensor, page_max: torch.Tensor, keys: torch.Tensor, seq_lens: torch.Tensor, page_size: int
+    page_min: torch.Tensor,
+    page_max: torch.Tensor,
+    keys: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    summary: str = "minmax",
 ) -> None:
     """Recompute, in place, the page holding token ``seq_lens[b] - 1`` of every sequence, from its tokens so far.
 
@@ -72,20 +142,30 @@ def append_pages(
     gather_index = token_index.view(batch, 1, page_size, 1).expand(batch, heads, page_size, dim)
     page_keys = keys.gather(2, gather_index)  # [B, H, page_size, D]
     valid = (token_index < seq_lens.long()[:, None]).view(batch, 1, page_size, 1)
-    low = page_keys.masked_fill(~valid, float("inf")).amin(dim=2, keepdim=True)
-    high = page_keys.masked_fill(~valid, float("-inf")).amax(dim=2, keepdim=True)
+    if summary == "centroids":
+        a, b = two_means(page_keys, valid[..., 0])
+        low, high = a[:, :, None].to(keys.dtype), b[:, :, None].to(keys.dtype)
+    else:
+        low = page_keys.masked_fill(~valid, float("inf")).amin(dim=2, keepdim=True)
+        high = page_keys.masked_fill(~valid, float("-inf")).amax(dim=2, keepdim=True)
     scatter_index = page.view(batch, 1, 1, 1).expand(batch, heads, 1, dim)
     page_min.scatter_(2, scatter_index, low)
     page_max.scatter_(2, scatter_index, high)
 
 
 def page_scores(
-    query: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, spread: float, aggregation: str
+    query: torch.Tensor,
+    page_min: torch.Tensor,
+    page_max: torch.Tensor,
+    spread: float,
+    aggregation: str,
+    summary: str = "minmax",
 ) -> torch.Tensor:
     """Criticality of every page for one query token, in fp32.
 
     ``q.c + spread * |q|.r`` with ``c = (max + min) / 2``, ``r = (max - min) / 2``; at ``spread = 1`` this equals the
-    paper's ``sum_i max(q_i * max_i, q_i * min_i)``, an upper bound of ``q.k`` for every key of the page.
+    paper's ``sum_i max(q_i * max_i, q_i * min_i)``, an upper bound of ``q.k`` for every key of the page. With
+    ``summary="centroids"`` the two slots hold centroids and the score is ``max(q.c1, q.c2)`` (``spread`` unused).
 
     Args:
         query: [B, Hq, D]
@@ -99,8 +179,11 @@ def page_scores(
     group = q_heads // kv_heads
     q = query.float().view(batch, kv_heads, group, dim)
     high, low = page_max.float(), page_min.float()
-    scores = q @ ((high + low) * 0.5).transpose(-1, -2)  # [B, Hkv, G, P]
-    if spread:
+    if summary == "centroids":
+        scores = torch.maximum(q @ low.transpose(-1, -2), q @ high.transpose(-1, -2))
+    else:
+        scores = q @ ((high + low) * 0.5).transpose(-1, -2)  # [B, Hkv, G, P]
+    if spread and summary != "centroids":
         scores = scores + spread * (q.abs() @ ((high - low) * 0.5).transpose(-1, -2))
     if aggregation in ("softmax", "rank"):
         return _normalised_aggregate(scores, aggregation, dim)
@@ -251,7 +334,14 @@ def quest_decode(
             if page_valid is not None
             else torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
         )
-    scores = page_scores(query, page_min[:, :, :num_pages], page_max[:, :, :num_pages], config.spread, config.aggregation)
+    scores = page_scores(
+        query,
+        page_min[:, :, :num_pages],
+        page_max[:, :, :num_pages],
+        config.spread,
+        config.aggregation,
+        config.page_summary,
+    )
     current_page = num_pages - 1 if seq_lens is None else (seq_lens.long() - 1) // page_size
     page_indices = select_pages(
         scores, config.page_budget, current_page, page_valid, sink_page, config.forced_recent_pages

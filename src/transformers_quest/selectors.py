@@ -54,6 +54,7 @@ class SelectorSpec:
         spread (`float`, defaults to `QuestConfig`'s): weight of the box half-width (``quest``).
         keep_first_page (`bool`, defaults to `QuestConfig`'s): always keep the first page (``quest``).
         recent_pages (`int`, defaults to `QuestConfig`'s): pages before the current one always kept (``quest``).
+        page_summary (`str`, defaults to `QuestConfig`'s): the two vectors kept per page (``quest``).
         sink_tokens (`int`, defaults to 4): attention sinks kept by ``streaming``.
         recent_ratio (`float`, defaults to 0.5): share of the budget kept for the most recent tokens (``h2o``).
     """
@@ -66,6 +67,7 @@ class SelectorSpec:
     spread: float = QuestConfig.spread
     keep_first_page: bool = QuestConfig.keep_first_page
     recent_pages: int = QuestConfig.recent_pages
+    page_summary: str = QuestConfig.page_summary
     sink_tokens: int = 4
     recent_ratio: float = 0.5
 
@@ -90,13 +92,17 @@ class SelectorSpec:
             float(self.spread),
             self.keep_first_page,
             self.recent_pages,
+            self.page_summary,
         )
 
     @property
     def name(self) -> str:
         """Short label used in tables: kind and the settings that distinguish it."""
         if self.kind == "quest":
-            label = f"quest[{self.aggregation},s={self.spread:g}"
+            if self.page_summary == "centroids":
+                label = f"quest[{self.aggregation},centroids"
+            else:
+                label = f"quest[{self.aggregation},s={self.spread:g}"
             label += ",sink" if self.keep_first_page else ""
             label += f",recent={self.recent_pages}" if self.recent_pages else ""
             label += f",p={self.page_size}" if self.page_size != 16 else ""
@@ -257,19 +263,28 @@ class QuestSelector(_PageSelector):
     uses_metadata = True
 
     def token_mask(self, query, logits, page_min, page_max, page_terms=None):
-        """``page_terms``: optional precomputed ``(q.c, |q|.r)``, each [B, Hkv, G, P] (the evaluation grid shares
-        them across rows); otherwise scored by `reference.page_scores`."""
+        """``page_terms``: optional precomputed per-head terms, each [B, Hkv, G, P] (the evaluation grid shares
+        them across rows): ``(q.c, |q|.r)`` of the min/max box, or ``(q.c1, q.c2)`` of the centroids; otherwise
+        scored by `reference.page_scores`."""
         num_pages = math.ceil(logits.shape[-1] / self.spec.page_size)
         if page_terms is not None:
-            centre, radius = page_terms
-            scores = centre + self.spec.spread * radius if self.spec.spread else centre
+            first, second = page_terms
+            if self.spec.page_summary == "centroids":
+                scores = torch.maximum(first, second)
+            else:
+                scores = first + self.spec.spread * second if self.spec.spread else first
             if self.spec.aggregation in ("softmax", "rank"):
                 scores = _normalised_aggregate(scores, self.spec.aggregation, query.shape[-1])
             else:
                 scores = aggregate_scores(scores, self.spec.aggregation)
         else:
             scores = page_scores(
-                query, page_min[:, :, :num_pages], page_max[:, :, :num_pages], self.spec.spread, self.spec.aggregation
+                query,
+                page_min[:, :, :num_pages],
+                page_max[:, :, :num_pages],
+                self.spec.spread,
+                self.spec.aggregation,
+                self.spec.page_summary,
             )
         return self._select(scores, logits.shape[-1])
 

@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..reference import page_minmax, select_pages
+from ..reference import page_summary, select_pages
 from ..selectors import LayerSelector, SelectorSpec, attention_column_sums, oracle_page_scores
 
 PREFILL_ATTENTION = "quest_eval_prefill"
@@ -154,7 +154,7 @@ class GridLayer(CacheLayerMixin):
         self.tail_values = torch.zeros(rows, kv_heads, max_tail, values.shape[-1])
         self.tail = 0
         self.recall = recall
-        self._prefix_meta: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._prefix_meta: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         for selector, (_, start, end) in zip(self.selectors, groups):
             if column_sums is not None:
                 selector.observe_prefill(column_sums.expand(end - start, -1, -1))
@@ -184,8 +184,9 @@ class GridLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
 
-    def _page_terms(self, q: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Quest's two page terms for every row: ``q.c`` and ``|q|.r``, each [N, Hkv, G, P].
+    def _page_terms(self, q: torch.Tensor, page_size: int, summary: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two per-head page terms of every row, each [N, Hkv, G, P]: ``q.c`` and ``|q|.r`` of the min/max box,
+        or ``q.c1`` and ``q.c2`` of the centroids (``summary="centroids"``).
 
         Pages wholly inside the shared prefix are scored for all rows with one matmul; the rest (the prefix's
         partial page and the tails) per row. Same numbers as `reference.page_scores` before its combination.
@@ -193,21 +194,27 @@ class GridLayer(CacheLayerMixin):
         rows, kv_heads, group, dim = q.shape
         prefix_len = self.prefix_keys.shape[1]
         full = prefix_len // page_size
-        if page_size not in self._prefix_meta:
-            low, high = page_minmax(self.prefix_keys[None, :, : full * page_size], page_size)
-            self._prefix_meta[page_size] = ((high + low)[0] * 0.5, (high - low)[0] * 0.5)  # [Hkv, P0, D]
-        centre0, radius0 = self._prefix_meta[page_size]
+        centroids = summary == "centroids"
+
+        def vectors(low: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return (low, high) if centroids else ((high + low) * 0.5, (high - low) * 0.5)
+
+        if (page_size, summary) not in self._prefix_meta:
+            low, high = page_summary(self.prefix_keys[None, :, : full * page_size], page_size, summary)
+            self._prefix_meta[page_size, summary] = vectors(low[0], high[0])  # [Hkv, P0, D] each
+        first0, second0 = self._prefix_meta[page_size, summary]
         q_by_head = q.permute(1, 0, 2, 3).reshape(kv_heads, rows * group, dim)
-        c0 = (q_by_head @ centre0.transpose(1, 2)).view(kv_heads, rows, group, full).permute(1, 0, 2, 3)
-        r0 = (q_by_head.abs() @ radius0.transpose(1, 2)).view(kv_heads, rows, group, full).permute(1, 0, 2, 3)
+        q_second = q_by_head if centroids else q_by_head.abs()
+        t0 = (q_by_head @ first0.transpose(1, 2)).view(kv_heads, rows, group, full).permute(1, 0, 2, 3)
+        u0 = (q_second @ second0.transpose(1, 2)).view(kv_heads, rows, group, full).permute(1, 0, 2, 3)
         rest = torch.cat(
             [self.prefix_keys[None, :, full * page_size :].expand(rows, -1, -1, -1), self.tail_keys[:, :, : self.tail]],
             dim=2,
         )
-        low1, high1 = page_minmax(rest, page_size)  # [N, Hkv, P1, D]
-        c1 = q @ ((high1 + low1) * 0.5).transpose(-1, -2)
-        r1 = q.abs() @ ((high1 - low1) * 0.5).transpose(-1, -2)
-        return torch.cat([c0, c1], dim=-1), torch.cat([r0, r1], dim=-1)
+        first1, second1 = vectors(*page_summary(rest, page_size, summary))  # [N, Hkv, P1, D]
+        t1 = q @ first1.float().transpose(-1, -2)
+        u1 = (q if centroids else q.abs()) @ second1.float().transpose(-1, -2)
+        return torch.cat([t0, t1], dim=-1), torch.cat([u0, u1], dim=-1)
 
     def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """query [N, Hq, D] -> [N, Hq, D]; each row through its group's selector."""
@@ -222,16 +229,17 @@ class GridLayer(CacheLayerMixin):
         tail_keys = self.tail_keys[:, :, : self.tail]
         logits = torch.cat([logits0.permute(1, 0, 2, 3), q @ tail_keys.transpose(-1, -2)], dim=-1)  # [N, Hkv, G, L]
         scaled = logits * scaling
-        terms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        terms: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         for selector, (spec, start, end) in zip(self.selectors, self.groups):
             if not selector.is_sparse(length):
                 continue
             if selector.uses_metadata:
-                if spec.page_size not in terms:
-                    terms[spec.page_size] = self._page_terms(q, spec.page_size)
-                centre, radius = terms[spec.page_size]
+                key = (spec.page_size, spec.page_summary)
+                if key not in terms:
+                    terms[key] = self._page_terms(q, *key)
+                first, second = terms[key]
                 mask, pages = selector.token_mask(
-                    query[start:end], logits[start:end], None, None, (centre[start:end], radius[start:end])
+                    query[start:end], logits[start:end], None, None, (first[start:end], second[start:end])
                 )
             else:
                 mask, pages = selector.token_mask(query[start:end], logits[start:end], None, None)
