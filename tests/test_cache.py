@@ -98,24 +98,25 @@ def test_cache_layers_dense_first_and_lazily_on_the_keys_device_and_dtype():
     assert cache.get_seq_length() == 0
 
 
-def test_centroid_metadata_follows_prefill_appends_crop_and_reorder():
-    from transformers_quest.reference import page_centroids
+@pytest.mark.parametrize("summary", ["centroids", "mean"])
+def test_summary_metadata_follows_prefill_appends_crop_and_reorder(summary):
+    from transformers_quest.reference import page_summary
 
-    def assert_centroids(layer):
-        a, b = page_centroids(layer.keys, layer.config.page_size)
+    def assert_summary(layer):
+        a, b = page_summary(layer.keys, layer.config.page_size, summary)
         pages = a.shape[2]
         torch.testing.assert_close(layer.page_min[:, :, :pages], a, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(layer.page_max[:, :, :pages], b, rtol=1e-6, atol=1e-6)
 
-    layer = QuestLayer(QuestConfig(budget=64, page_size=16, dense_layers=0, page_summary="centroids"), layer_idx=0)
+    layer = QuestLayer(QuestConfig(budget=64, page_size=16, dense_layers=0, page_summary=summary), layer_idx=0)
     layer.update(torch.randn(2, 3, 37, 8), torch.randn(2, 3, 37, 8))
     for _ in range(30):
         layer.update(torch.randn(2, 3, 1, 8), torch.randn(2, 3, 1, 8))
-    assert_centroids(layer)
+    assert_summary(layer)
     layer.crop(-9)
-    assert_centroids(layer)
+    assert_summary(layer)
     layer.reorder_cache(torch.tensor([1, 0]))
     for _ in range(5):
         layer.update(torch.randn(2, 3, 1, 8), torch.randn(2, 3, 1, 8))
     HANDOFF.take()
-    assert_centroids(layer)
+    assert_summary(layer)

@@ -26,7 +26,7 @@ from transformers_quest import QuestCache, QuestConfig, QuestLayer, set_backend
         (dict(spread="wide"), TypeError, r"`spread` must be a float"),
         (dict(keep_first_page=1), TypeError, r"`keep_first_page` must be a bool"),
         (dict(recent_pages=-2), ValueError, r"`recent_pages` must be >= 0, got -2"),
-        (dict(page_summary="mean"), ValueError, r"`page_summary` must be one of \('minmax', 'centroids'\), got 'mean'"),
+        (dict(page_summary="median"), ValueError, r"`page_summary` must be one of \('minmax', 'mean', 'centroids'\), got 'median'"),
     ],
 )
 def test_bad_settings_raise_named_errors(kwargs, error, message):
@@ -98,3 +98,6 @@ def test_centroid_summary_runs_on_the_reference_where_kernels_lack_it():
     assert "page_summary='centroids'" in decode_unsupported(query, keys, keys, meta, meta, None, config)
     assert "page_summary='centroids'" in metadata_unsupported(keys, meta, meta, "centroids")
     assert metadata_unsupported(keys, meta, meta) is None
+    # "mean" keeps a box (re-centred): the decode kernels score it; only its metadata is computed by torch.
+    assert decode_unsupported(query, keys, keys, meta, meta, None, QuestConfig(budget=32, page_summary="mean")) is None
+    assert "page_summary='mean'" in metadata_unsupported(keys, meta, meta, "mean")

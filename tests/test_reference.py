@@ -12,8 +12,10 @@ from transformers_quest.reference import (
     append_pages,
     masked_decode_attention,
     page_centroids,
+    page_mean_box,
     page_minmax,
     page_scores,
+    page_summary,
     pages_to_token_mask,
     quest_decode,
     refresh_pages,
@@ -220,17 +222,36 @@ def test_page_centroids_recover_two_separated_clusters():
     torch.testing.assert_close(found[1], keys[0, 0][members == 0].mean(0))
 
 
-def test_centroid_metadata_by_refresh_and_by_append_equal_recomputation():
+@pytest.mark.parametrize("length", [1, 16, 23, 64])
+def test_page_mean_box_is_the_box_centred_on_the_mean_key(length):
+    keys = torch.randn(2, 3, length, 8)
+    low, high = page_mean_box(keys, 16)
+    for p in range(math.ceil(length / 16)):
+        page = keys[:, :, p * 16 : (p + 1) * 16]
+        half_width = (page.amax(dim=2) - page.amin(dim=2)) / 2
+        torch.testing.assert_close(low[:, :, p], page.mean(dim=2) - half_width)
+        torch.testing.assert_close(high[:, :, p], page.mean(dim=2) + half_width)
+    # Scored like the min/max box: q.mean + spread |q|.r.
+    query = torch.randn(2, 6, 8)
+    mean_score = (query.view(2, 3, 2, 8)[..., None, :] * keys.view(2, 3, 1, -1, 8)[..., :16, :].mean(-2, keepdim=True)).sum(-1)
+    radius = (keys[:, :, :16].amax(2) - keys[:, :, :16].amin(2)) / 2
+    width = (query.view(2, 3, 2, 8).abs() * radius[:, :, None]).sum(-1)
+    expected = (mean_score[..., 0] + 0.5 * width).view(2, 6)
+    torch.testing.assert_close(page_scores(query, low, high, 0.5, "none")[:, :, 0], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("summary", ["centroids", "mean"])
+def test_summary_metadata_by_refresh_and_by_append_equal_recomputation(summary):
     page_size, capacity = 16, 96
     keys = torch.randn(2, 2, capacity, 8)
     page_min, page_max = torch.zeros(2, 2, capacity // page_size, 8), torch.zeros(2, 2, capacity // page_size, 8)
     app_min, app_max = page_min.clone(), page_max.clone()
-    refresh_pages(page_min, page_max, keys, 0, 21, page_size, "centroids")
-    refresh_pages(app_min, app_max, keys, 0, 21, page_size, "centroids")
+    refresh_pages(page_min, page_max, keys, 0, 21, page_size, summary)
+    refresh_pages(app_min, app_max, keys, 0, 21, page_size, summary)
     for end in range(22, 90):
-        refresh_pages(page_min, page_max, keys, end - 1, end, page_size, "centroids")
-        append_pages(app_min, app_max, keys, torch.full((2,), end), page_size, "centroids")
-        a, b = page_centroids(keys[:, :, :end], page_size)
+        refresh_pages(page_min, page_max, keys, end - 1, end, page_size, summary)
+        append_pages(app_min, app_max, keys, torch.full((2,), end), page_size, summary)
+        a, b = page_summary(keys[:, :, :end], page_size, summary)
         pages = a.shape[2]
         for got_a, got_b in ((page_min, page_max), (app_min, app_max)):
             torch.testing.assert_close(got_a[:, :, :pages], a, rtol=1e-6, atol=1e-6)

@@ -58,6 +58,7 @@ SPECS = [
     SelectorSpec("quest", budget=48, page_size=8, dense_layers=1, aggregation="sum", spread=0.0, keep_first_page=True),
     SelectorSpec("quest", budget=48, page_size=8, dense_layers=1, spread=0.5, recent_pages=2),
     SelectorSpec("quest", budget=32, page_size=8, dense_layers=1, page_summary="centroids", keep_first_page=True),
+    SelectorSpec("quest", budget=32, page_size=8, dense_layers=1, page_summary="mean", spread=0.5),
     SelectorSpec("oracle", budget=32, page_size=8, dense_layers=1),
     SelectorSpec("streaming", budget=32, dense_layers=1),
     SelectorSpec("h2o", budget=32, dense_layers=1),

@@ -152,8 +152,8 @@ def decode_unsupported(
         return f"aggregation {config.aggregation!r} (kernels: {AGGREGATIONS})"
     if config.forced_recent_pages:
         return f"recent_pages={config.recent_pages} (kernels: 0)"
-    if config.page_summary != "minmax":
-        return f"page_summary={config.page_summary!r} (kernels: 'minmax')"
+    if config.page_summary == "centroids":
+        return "page_summary='centroids' (kernels: 'minmax', 'mean')"
     if query.dtype not in KERNEL_DTYPES:
         return f"dtype {query.dtype} (kernels: float16, bfloat16)"
     if any(t.dtype != query.dtype for t in (keys, values, page_min, page_max)):

@@ -373,7 +373,7 @@ class QuestCache(Cache):
         spread (`float`, defaults to 0.5): weight of the box half-width in the page score (1.0 = Quest's bound).
         keep_first_page (`bool`, defaults to True): always attend to the first page (the attention sink).
         recent_pages (`int`, defaults to 0): always attend to the pages just before the current one.
-        page_summary (`str`, defaults to ``"minmax"``): the two vectors kept per page ("minmax" or "centroids").
+        page_summary (`str`, defaults to ``"minmax"``): the two vectors kept per page ("minmax", "mean", "centroids").
         config (`QuestConfig`, *optional*): all of the above at once; excludes the other arguments.
         max_cache_len (`int`, *optional*): preallocate this many tokens (prompt + new tokens) per layer and make
             the cache compileable: on a GPU, ``generate`` then compiles and graph-captures the decode step.

@@ -11,10 +11,12 @@ AGGREGATIONS = ("max", "sum", "none")
 ``"none"``: one selection per query head (the paper's MHA behaviour; on GQA models a KV head may read more pages).
 """
 
-PAGE_SUMMARIES = ("minmax", "centroids")
+PAGE_SUMMARIES = ("minmax", "mean", "centroids")
 """The two vectors kept per page and KV head (same bytes either way).
 
 ``"minmax"``: Quest's element-wise min and max of the page's keys, scored ``q.c + spread * |q|.r``.
+``"mean"``: the same box moved to be centred on the page's mean key (``mean -+ r``), so the same score reads
+``q.mean + spread * |q|.r``; scored by the kernels, metadata computed by PyTorch ops.
 ``"centroids"``: the two centroids of a 2-means clustering of the page's keys, scored ``max(q.c1, q.c2)`` (an
 estimate of the page's best ``q.k``, no bound). PyTorch reference only until the kernels compute the clustering.
 """

@@ -86,9 +86,38 @@ def page_centroids(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, to
     return a.to(keys.dtype), b.to(keys.dtype)
 
 
+def _mean_box(keys: torch.Tensor, valid: torch.Tensor, low: torch.Tensor, high: torch.Tensor):
+    """``mean -+ half-width`` over the reduced axis -2 of ``keys`` (``valid`` marks the real tokens), in keys' dtype."""
+    weight = valid.to(torch.float32)
+    mean = (keys.float() * weight).sum(-2) / weight.sum(-2).clamp(min=1)
+    radius = (high.float() - low.float()) * 0.5
+    return (mean - radius).to(keys.dtype), (mean + radius).to(keys.dtype)
+
+
+def page_mean_box(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min/max box of every page moved to be centred on the page's mean key: ``(mean - r, mean + r)`` with
+    ``r = (max - min) / 2``, so the box score of these slots is ``q.mean + spread * |q|.r``.
+
+    Args:
+        keys: [B, H, L, D]
+    Returns:
+        low, high: [B, H, ceil(L / page_size), D], in the keys' dtype.
+    """
+    batch, heads, length, dim = keys.shape
+    num_pages = math.ceil(length / page_size)
+    pad = num_pages * page_size - length
+    pages = torch.nn.functional.pad(keys, (0, 0, 0, pad)).view(batch, heads, num_pages, page_size, dim)
+    valid = (torch.arange(num_pages * page_size, device=keys.device) < length).view(num_pages, page_size, 1)
+    return _mean_box(pages, valid, *page_minmax(keys, page_size))
+
+
 def page_summary(keys: torch.Tensor, page_size: int, summary: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
     """The two vectors per page that ``summary`` (`config.PAGE_SUMMARIES`) keeps, in the min/max slots."""
-    return page_centroids(keys, page_size) if summary == "centroids" else page_minmax(keys, page_size)
+    if summary == "centroids":
+        return page_centroids(keys, page_size)
+    if summary == "mean":
+        return page_mean_box(keys, page_size)
+    return page_minmax(keys, page_size)
 
 
 def refresh_pages(
@@ -148,6 +177,9 @@ def append_pages(
     else:
         low = page_keys.masked_fill(~valid, float("inf")).amin(dim=2, keepdim=True)
         high = page_keys.masked_fill(~valid, float("-inf")).amax(dim=2, keepdim=True)
+        if summary == "mean":
+            low, high = _mean_box(page_keys, valid, low[:, :, 0], high[:, :, 0])
+            low, high = low[:, :, None], high[:, :, None]
     scatter_index = page.view(batch, 1, 1, 1).expand(batch, heads, 1, dim)
     page_min.scatter_(2, scatter_index, low)
     page_max.scatter_(2, scatter_index, high)
