@@ -262,6 +262,7 @@ HEADLINE = {
     "dense": "dense",
     "oracle": "oracle (exact page max; reads all keys)",
     "quest:keep_first_page=true": "default: spread 0.5 + first page, shared per KV head",
+    "quest:page_summary=mean": "box centred on the mean key, spread 0.5 + first page",
     "quest:spread=0.5,keep_first_page=false": "spread 0.5 without the first page",
     "quest-paper": "Quest paper bound (spread 1), shared",
     "quest-paper-none": "Quest paper bound, per query head (up to 3x reads)",
