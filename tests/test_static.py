@@ -60,13 +60,14 @@ def test_bad_max_cache_len(value):
         QuestCache(64, max_cache_len=value)
 
 
-def test_decode_step_traces_as_one_graph(model_pair):
+@pytest.mark.parametrize("page_summary", ["minmax", "mean", "centroids"])
+def test_decode_step_traces_as_one_graph(model_pair, page_summary):
     """fullgraph=True fails on any graph break: a host sync or a Python branch on a device value."""
     quest, _ = model_pair
     ids = prompt(length=120)
-    cache = QuestCache(32, dense_layers=1, max_cache_len=160)
+    cache = QuestCache(32, dense_layers=1, page_summary=page_summary, max_cache_len=160)
     quest(ids, past_key_values=cache)  # eager prefill
-    eager_cache = QuestCache(32, dense_layers=1, max_cache_len=160)
+    eager_cache = QuestCache(32, dense_layers=1, page_summary=page_summary, max_cache_len=160)
     quest(ids, past_key_values=eager_cache)
     step = prompt(length=1, seed=9)
     mask = torch.ones(1, 121, dtype=torch.long)

@@ -85,6 +85,8 @@ def requested_backend() -> str:
 
 
 def _log_once(key: tuple[str, ...], message: str, warning: bool = False) -> None:
+    if torch.compiler.is_compiling():  # a log call inside a traced step would break the graph; eager steps log
+        return
     if key not in _logged:
         _logged.add(key)
         (logger.warning if warning else logger.info)(message)
