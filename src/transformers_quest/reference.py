@@ -69,6 +69,16 @@ def two_means(keys: torch.Tensor, valid: torch.Tensor, iterations: int = 4) -> t
     return a, b
 
 
+def _split_pages(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, H, L, D] -> pages [B, H, P, page_size, D] (a partial last page zero-padded) and valid [P, page_size]."""
+    batch, heads, length, dim = keys.shape
+    num_pages = math.ceil(length / page_size)
+    pad = num_pages * page_size - length
+    pages = torch.nn.functional.pad(keys, (0, 0, 0, pad)).view(batch, heads, num_pages, page_size, dim)
+    valid = (torch.arange(num_pages * page_size, device=keys.device) < length).view(num_pages, page_size)
+    return pages, valid
+
+
 def page_centroids(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`two_means` of the keys of every page; a partial last page covers only its tokens.
 
@@ -77,11 +87,7 @@ def page_centroids(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, to
     Returns:
         centroid_a, centroid_b: [B, H, ceil(L / page_size), D], in the keys' dtype (kept in the min/max slots).
     """
-    batch, heads, length, dim = keys.shape
-    num_pages = math.ceil(length / page_size)
-    pad = num_pages * page_size - length
-    pages = torch.nn.functional.pad(keys, (0, 0, 0, pad)).view(batch, heads, num_pages, page_size, dim)
-    valid = (torch.arange(num_pages * page_size, device=keys.device) < length).view(num_pages, page_size)
+    pages, valid = _split_pages(keys, page_size)
     a, b = two_means(pages, valid)
     return a.to(keys.dtype), b.to(keys.dtype)
 
@@ -103,12 +109,8 @@ def page_mean_box(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, tor
     Returns:
         low, high: [B, H, ceil(L / page_size), D], in the keys' dtype.
     """
-    batch, heads, length, dim = keys.shape
-    num_pages = math.ceil(length / page_size)
-    pad = num_pages * page_size - length
-    pages = torch.nn.functional.pad(keys, (0, 0, 0, pad)).view(batch, heads, num_pages, page_size, dim)
-    valid = (torch.arange(num_pages * page_size, device=keys.device) < length).view(num_pages, page_size, 1)
-    return _mean_box(pages, valid, *page_minmax(keys, page_size))
+    pages, valid = _split_pages(keys, page_size)
+    return _mean_box(pages, valid[..., None], *page_minmax(keys, page_size))
 
 
 def page_summary(keys: torch.Tensor, page_size: int, summary: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
