@@ -62,6 +62,28 @@ def test_refresh_pages_prefill_and_appends_are_bit_exact(kernel, dtype, dim, pag
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_mean_box_metadata_by_refresh_and_append_matches_the_reference(kernel, dtype):
+    """page_summary="mean": the box centred on the page's mean key, within one rounding of the key dtype (the
+    kernel sums the page sequentially in fp32, the reference with torch's reduction order)."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    batch, heads, capacity, dim, page_size = 2, 3, 256, 128, 16
+    keys = torch.randn(batch, heads, capacity, dim, generator=gen, device="cuda").to(dtype)
+    page_min = torch.zeros(batch, heads, capacity // page_size, dim, dtype=dtype, device="cuda")
+    page_max = torch.zeros_like(page_min)
+    kernel.refresh_pages(page_min, page_max, keys, 0, 70, page_size, "mean")
+    lengths = torch.tensor([70, 70], dtype=torch.int32, device="cuda")
+    tolerance = 2 * torch.finfo(dtype).eps * 8  # |mean -+ r| < 8 for these keys: one rounding each way
+    for step in range(30):
+        lengths += 1
+        kernel.append_pages(page_min, page_max, keys, lengths, page_size, "mean")
+        length = int(lengths[0])
+        low, high = reference.page_mean_box(keys[:, :, :length], page_size)
+        used = low.shape[2]
+        assert (page_min[:, :, :used].float() - low.float()).abs().max() <= tolerance, step
+        assert (page_max[:, :, :used].float() - high.float()).abs().max() <= tolerance, step
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_append_pages_with_device_lengths_is_bit_exact(kernel, dtype):
     gen = torch.Generator(device="cuda").manual_seed(1)
     batch, heads, capacity, dim, page_size = 3, 2, 256, 128, 16

@@ -1,4 +1,6 @@
-// Page metadata: element-wise min and max of the keys of every page, per batch row and KV head.
+// Page metadata: element-wise min and max of the keys of every page, per batch row and KV head; with
+// mean_box, the same box moved to be centred on the page's mean key (mean -+ (max - min) / 2), the slots of
+// page_summary="mean".
 //
 // Both ops recompute a touched page from its keys (at most page_size of them) rather than folding incrementally,
 // so a partial page always holds exactly the extrema of its tokens and the result is bit-identical to the
@@ -26,6 +28,7 @@ struct RefreshParams {
   const int* seq_lens;        // else: the one page holding token seq_lens[b] - 1
   int page_size, log2_page;
   int vecs;                   // D / 8
+  bool mean_box;              // store mean -+ half-width instead of min / max
 };
 
 template <typename T>
@@ -49,11 +52,12 @@ __global__ void refresh_pages_kernel(const RefreshParams<T> p) {
   const int t0 = page << p.log2_page;
   const int t1 = min(t0 + p.page_size, end);
   const T* k = p.keys + b * p.k_stride_b + h * p.k_stride_h + vec * kVec;
-  float lo[kVec], hi[kVec];
+  float lo[kVec], hi[kVec], sum[kVec];
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
     lo[i] = INFINITY;
     hi[i] = -INFINITY;
+    sum[i] = 0.f;
   }
   for (int t = t0; t < t1; ++t) {
     float x[kVec];
@@ -62,6 +66,16 @@ __global__ void refresh_pages_kernel(const RefreshParams<T> p) {
     for (int i = 0; i < kVec; ++i) {
       lo[i] = fminf(lo[i], x[i]);
       hi[i] = fmaxf(hi[i], x[i]);
+      sum[i] += x[i];
+    }
+  }
+  if (p.mean_box) {
+    const float inv_count = 1.f / static_cast<float>(max(t1 - t0, 1));
+#pragma unroll
+    for (int i = 0; i < kVec; ++i) {
+      const float mean = sum[i] * inv_count, radius = (hi[i] - lo[i]) * 0.5f;
+      lo[i] = mean - radius;
+      hi[i] = mean + radius;
     }
   }
   const int64_t off = b * p.m_stride_b + h * p.m_stride_h + page * p.m_stride_p + vec * kVec;
@@ -71,7 +85,7 @@ __global__ void refresh_pages_kernel(const RefreshParams<T> p) {
 
 template <typename T>
 void launch_refresh(at::Tensor& page_min, at::Tensor& page_max, const at::Tensor& keys, int first_page, int num_pages,
-                    int end, const int* seq_lens, int page_size) {
+                    int end, const int* seq_lens, int page_size, bool mean_box) {
   RefreshParams<T> p;
   p.page_min = reinterpret_cast<T*>(page_min.data_ptr());
   p.page_max = reinterpret_cast<T*>(page_max.data_ptr());
@@ -91,6 +105,7 @@ void launch_refresh(at::Tensor& page_min, at::Tensor& page_max, const at::Tensor
   p.page_size = page_size;
   p.log2_page = log2_exact(page_size, "page_size");
   p.vecs = keys.size(3) / kVec;
+  p.mean_box = mean_box;
   constexpr int threads = 128;
   const int items = num_pages * p.vecs;
   const dim3 grid((items + threads - 1) / threads, keys.size(0) * keys.size(1));
@@ -115,7 +130,8 @@ void check_metadata(const at::Tensor& page_min, const at::Tensor& page_max, cons
 }  // namespace quest
 
 void refresh_pages(at::Tensor& page_min, at::Tensor& page_max, const at::Tensor& keys, int64_t start, int64_t end,
-                   int64_t page_size) {
+                   int64_t page_size, int64_t summary) {
+  TORCH_CHECK(summary == 0 || summary == 1, "summary must be 0 (min/max) or 1 (mean box), got ", summary);
   quest::check_metadata(page_min, page_max, keys);
   quest::log2_exact(page_size, "page_size");
   TORCH_CHECK(0 <= start && end <= keys.size(2), "need 0 <= start and end <= keys.size(2), got start=", start,
@@ -126,14 +142,17 @@ void refresh_pages(at::Tensor& page_min, at::Tensor& page_max, const at::Tensor&
               " needs page ", last);
   const c10::cuda::CUDAGuard guard(keys.device());
   if (keys.scalar_type() == at::kHalf) {
-    quest::launch_refresh<__half>(page_min, page_max, keys, first, last - first + 1, end, nullptr, page_size);
+    quest::launch_refresh<__half>(page_min, page_max, keys, first, last - first + 1, end, nullptr, page_size,
+                                          summary == 1);
   } else {
-    quest::launch_refresh<__nv_bfloat16>(page_min, page_max, keys, first, last - first + 1, end, nullptr, page_size);
+    quest::launch_refresh<__nv_bfloat16>(page_min, page_max, keys, first, last - first + 1, end, nullptr, page_size,
+                                          summary == 1);
   }
 }
 
 void append_pages(at::Tensor& page_min, at::Tensor& page_max, const at::Tensor& keys, const at::Tensor& seq_lens,
-                  int64_t page_size) {
+                  int64_t page_size, int64_t summary) {
+  TORCH_CHECK(summary == 0 || summary == 1, "summary must be 0 (min/max) or 1 (mean box), got ", summary);
   quest::check_metadata(page_min, page_max, keys);
   quest::log2_exact(page_size, "page_size");
   quest::check_seq_lens(seq_lens, keys.size(0));
@@ -142,8 +161,8 @@ void append_pages(at::Tensor& page_min, at::Tensor& page_max, const at::Tensor& 
   const c10::cuda::CUDAGuard guard(keys.device());
   const int* lens = seq_lens.data_ptr<int>();
   if (keys.scalar_type() == at::kHalf) {
-    quest::launch_refresh<__half>(page_min, page_max, keys, 0, 1, 0, lens, page_size);
+    quest::launch_refresh<__half>(page_min, page_max, keys, 0, 1, 0, lens, page_size, summary == 1);
   } else {
-    quest::launch_refresh<__nv_bfloat16>(page_min, page_max, keys, 0, 1, 0, lens, page_size);
+    quest::launch_refresh<__nv_bfloat16>(page_min, page_max, keys, 0, 1, 0, lens, page_size, summary == 1);
   }
 }

@@ -15,10 +15,10 @@
 #include <optional>
 
 void refresh_pages(at::Tensor& page_min, at::Tensor& page_max, const at::Tensor& keys, int64_t start, int64_t end,
-                   int64_t page_size);
+                   int64_t page_size, int64_t summary);
 
 void append_pages(at::Tensor& page_min, at::Tensor& page_max, const at::Tensor& keys, const at::Tensor& seq_lens,
-                  int64_t page_size);
+                  int64_t page_size, int64_t summary);
 
 void page_scores(at::Tensor& scores, const at::Tensor& query, const at::Tensor& page_min, const at::Tensor& page_max,
                  const std::optional<at::Tensor>& key_valid, const std::optional<at::Tensor>& seq_lens, int64_t max_len,

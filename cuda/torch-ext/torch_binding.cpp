@@ -6,12 +6,14 @@
 #include "registration.h"
 
 TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
-  // Recompute the min/max of the pages that tokens [start, end) touch (prefill, or one appended token).
-  ops.def("refresh_pages(Tensor! page_min, Tensor! page_max, Tensor keys, int start, int end, int page_size) -> ()");
+  // Recompute the min/max (summary 0) or mean box (summary 1) of the pages that tokens [start, end) touch.
+  ops.def("refresh_pages(Tensor! page_min, Tensor! page_max, Tensor keys, int start, int end, int page_size, "
+          "int summary=0) -> ()");
   ops.impl("refresh_pages", c10::kCUDA, &refresh_pages);
 
   // Recompute the page that holds token seq_lens[b] - 1 of each sequence (a decode append, length on device).
-  ops.def("append_pages(Tensor! page_min, Tensor! page_max, Tensor keys, Tensor seq_lens, int page_size) -> ()");
+  ops.def("append_pages(Tensor! page_min, Tensor! page_max, Tensor keys, Tensor seq_lens, int page_size, "
+          "int summary=0) -> ()");
   ops.impl("append_pages", c10::kCUDA, &append_pages);
 
   // fp32 page scores [B, Hs, P] for one query token: invalid pages -inf, the current page +inf.

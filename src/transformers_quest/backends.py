@@ -182,8 +182,8 @@ def metadata_unsupported(
     keys: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, summary: str = "minmax"
 ) -> str | None:
     """Why the CUDA metadata ops cannot run on these tensors (None if they can)."""
-    if summary != "minmax":
-        return f"page_summary={summary!r} (kernels: 'minmax')"
+    if summary not in ("minmax", "mean"):
+        return f"page_summary={summary!r} (kernels: 'minmax', 'mean')"
     if keys.dtype not in KERNEL_DTYPES or page_min.dtype != keys.dtype or keys.shape[-1] % 8:
         return f"dtype {keys.dtype} / head_dim {keys.shape[-1]}"
     for name, t in (("keys", keys), ("page_min", page_min), ("page_max", page_max)):
@@ -215,7 +215,7 @@ class CudaOps:
         if problem:
             _log_once(("refresh", problem), f"transformers-quest: page metadata on torch for {problem}")
             return reference.refresh_pages(page_min, page_max, keys, start, end, page_size, summary)
-        self.kernel.refresh_pages(page_min, page_max, keys, start, end, page_size)
+        self.kernel.refresh_pages(page_min, page_max, keys, start, end, page_size, summary)
 
     def append_pages(
         self,
@@ -230,7 +230,7 @@ class CudaOps:
         if problem:
             _log_once(("append", problem), f"transformers-quest: page metadata on torch for {problem}")
             return reference.append_pages(page_min, page_max, keys, seq_lens, page_size, summary)
-        self.kernel.append_pages(page_min, page_max, keys, seq_lens, page_size)
+        self.kernel.append_pages(page_min, page_max, keys, seq_lens, page_size, summary)
 
     def decode(
         self,

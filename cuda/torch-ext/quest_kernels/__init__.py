@@ -31,28 +31,44 @@ __all__ = [
 ]
 
 
+SUMMARIES = {"minmax": 0, "mean": 1}
+
+
 def refresh_pages(
-    page_min: torch.Tensor, page_max: torch.Tensor, keys: torch.Tensor, start: int, end: int, page_size: int
+    page_min: torch.Tensor,
+    page_max: torch.Tensor,
+    keys: torch.Tensor,
+    start: int,
+    end: int,
+    page_size: int,
+    summary: str = "minmax",
 ) -> None:
-    """Recompute, in place, the min/max of every page that tokens ``[start, end)`` touch.
+    """Recompute, in place, the metadata of every page that tokens ``[start, end)`` touch.
 
     Args:
         page_min, page_max: (B, Hkv, >= ceil(end / page_size), D), updated in place.
         keys: (B, Hkv, >= end, D), holding tokens ``[0, end)``.
+        summary: "minmax" (element-wise min / max) or "mean" (that box centred on the page's mean key).
     """
-    ops.refresh_pages(page_min, page_max, keys, start, end, page_size)
+    ops.refresh_pages(page_min, page_max, keys, start, end, page_size, SUMMARIES[summary])
 
 
 def append_pages(
-    page_min: torch.Tensor, page_max: torch.Tensor, keys: torch.Tensor, seq_lens: torch.Tensor, page_size: int
+    page_min: torch.Tensor,
+    page_max: torch.Tensor,
+    keys: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_size: int,
+    summary: str = "minmax",
 ) -> None:
     """Recompute, in place, the page holding token ``seq_lens[b] - 1`` of every sequence (the decode append).
 
     Args:
         keys: (B, Hkv, capacity, D) with the new token already written.
         seq_lens: (B,), int32 on the device: tokens per sequence after the append.
+        summary: as for `refresh_pages`.
     """
-    ops.append_pages(page_min, page_max, keys, seq_lens, page_size)
+    ops.append_pages(page_min, page_max, keys, seq_lens, page_size, SUMMARIES[summary])
 
 
 def page_scores(
@@ -166,12 +182,12 @@ def decode(
 
 
 @torch.library.register_fake(add_op_namespace_prefix("refresh_pages"))
-def _(page_min, page_max, keys, start, end, page_size) -> None:
+def _(page_min, page_max, keys, start, end, page_size, summary=0) -> None:
     return None
 
 
 @torch.library.register_fake(add_op_namespace_prefix("append_pages"))
-def _(page_min, page_max, keys, seq_lens, page_size) -> None:
+def _(page_min, page_max, keys, seq_lens, page_size, summary=0) -> None:
     return None
 
 
