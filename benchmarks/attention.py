@@ -160,6 +160,7 @@ def run_context(kernel, timer, shape, dtype_name, batch, context, budgets, page_
     sdpa_us = timer(lambda: F.scaled_dot_product_attention(query4, keys, values, scale=scaling, enable_gqa=gqa))
     dense_bytes = 2 * batch * kv_heads * context * dim * element
     append_us = timer(lambda: kernel.append_pages(page_min, page_max, keys, seq_lens, page_size))
+    append_mean_us = timer(lambda: kernel.append_pages(page_min, page_max, keys, seq_lens, page_size, "mean"))
 
     rows = []
     for budget in budgets:
@@ -206,6 +207,7 @@ def run_context(kernel, timer, shape, dtype_name, batch, context, budgets, page_
                 "attend_us": attend_us,
                 "append_us": append_us,
                 "append_share": append_us / quest_us,
+                "append_mean_us": append_mean_us,
             }
         )
         print(format_row(rows[-1]), flush=True)
@@ -216,8 +218,8 @@ def run_context(kernel, timer, shape, dtype_name, batch, context, budgets, page_
 
 HEADER = (
     "| shape | dtype | B | context | budget | SDPA us | Quest us | speedup | dense floor us | Quest floor us "
-    "| Quest at floor | score us | select us | attend us | append us (share) |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| Quest at floor | score us | select us | attend us | append us (share) | mean append us |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -226,7 +228,7 @@ def format_row(r: dict) -> str:
         f"| {r['shape']} | {r['dtype']} | {r['batch']} | {r['context'] // 1024}K | {r['budget']} | {r['sdpa_us']:.1f} "
         f"| {r['quest_us']:.1f} | {r['speedup']:.2f}x | {r['dense_floor_us']:.1f} | {r['quest_floor_us']:.1f} "
         f"| {100 * r['quest_floor_share']:.0f}% | {r['score_us']:.1f} | {r['select_us']:.1f} | {r['attend_us']:.1f} "
-        f"| {r['append_us']:.1f} ({100 * r['append_share']:.1f}%) |"
+        f"| {r['append_us']:.1f} ({100 * r['append_share']:.1f}%) | {r.get('append_mean_us', float('nan')):.1f} |"
     )
 
 
