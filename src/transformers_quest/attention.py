@@ -28,6 +28,43 @@ def _warn_no_quest_cache() -> None:
         )
 
 
+def dense_decode(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float,
+    scaling: float | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Dense attention for the layers and steps Quest leaves dense, SDPA semantics unchanged.
+
+    A one-token GQA step runs SDPA with the group's query heads as the query rows of their KV head
+    (``[B, Hkv, G, D]``), so each key and value is read once. transformers' own SDPA path repeats the K/V heads
+    under ``torch.compile`` instead, a full copy of the cache per step and layer that costs more than attention
+    itself at long contexts.
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads = key.shape[1]
+    packable = (
+        q_len == 1
+        and q_heads != kv_heads
+        and dropout == 0.0
+        and kwargs.get("position_bias") is None
+        and kwargs.get("softcap") is None
+        and (attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1))
+    )
+    if not packable:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    group = q_heads // kv_heads
+    packed = query.reshape(batch, kv_heads, group, head_dim)
+    output = torch.nn.functional.scaled_dot_product_attention(
+        packed, key, value, attn_mask=attention_mask, dropout_p=0.0, scale=scaling
+    )
+    return output.reshape(batch, 1, q_heads, value.shape[-1]), None
+
+
 def quest_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -57,7 +94,7 @@ def quest_attention_forward(
         if q_len == 1:
             layer.record_decode(dense=batch * key.shape[1] * length, read=batch * key.shape[1] * length)
         layer.observe_dense(query, key, attention_mask, scaling)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return dense_decode(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
     for unsupported in ("softcap", "s_aux"):
         if kwargs.get(unsupported) is not None:
