@@ -1,8 +1,9 @@
 """One decode step of one attention layer: the Quest kernels against dense SDPA decode, in the same run.
 
 Every measurement is a CUDA graph of ten (L2 flush, step) pairs minus a graph of the ten flushes, timed with CUDA
-events (median of the replays), divided by ten: the step's cost inside a model-level graph, cold L2. The Quest step is page scoring + top-k selection + sparse attention (+ the split merge);
-the per-op breakdown times each op in its own graph. "floor" is the time to read the bytes the step must read
+events (median of the replays), divided by ten: the step's cost inside a model-level graph, cold L2. The Quest
+step is page scoring + top-k selection + sparse attention (+ the split merge); the per-op breakdown times each op
+in its own graph. "floor" is the time to read the bytes the step must read
 (dense: all keys and values; Quest: the page metadata and the selected pages) at the copy bandwidth measured at
 the start of the run.
 

@@ -291,6 +291,35 @@ def test_decode_matches_reference(kernel, dtype, case, aggregation, keep_first_p
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_heads,kv_heads,dim", [(32, 8, 128), (4, 4, 64), (9, 3, 64), (8, 1, 128)])
+def test_attend_all_pages_equals_dense_attention(kernel, dtype, q_heads, kv_heads, dim):
+    """The dense decode of layers and steps Quest leaves dense: every valid key, ragged lengths and padding."""
+    batch, length, page_size = 3, 5000, 16
+    gen = torch.Generator(device="cuda").manual_seed(q_heads + dim)
+    keys = cache_buffers(batch, kv_heads, length, dim, dtype, gen=gen)
+    values = cache_buffers(batch, kv_heads, length, dim, dtype, gen=gen)
+    query = (2 * torch.randn(batch, q_heads, dim, generator=gen, device="cuda")).to(dtype)
+    key_valid = padded_validity(batch, length, [0, 37, 1200])
+    seq_lens = torch.tensor([length, length - 9, 3001], dtype=torch.int32, device="cuda")
+    scaling = dim**-0.5
+
+    out = backends.CudaOps(kernel).attend_all_pages(query, keys, values, key_valid, scaling, page_size, seq_lens)
+
+    within = torch.arange(length, device="cuda")[None] < seq_lens[:, None]
+    mask = (key_valid & within)[:, None, :].expand(batch, kv_heads, length)
+    expected = reference.masked_decode_attention(query.double(), keys.double(), values.double(), mask, scaling)
+    kernel_error = (out.double() - expected).abs().max().item()
+    torch_error = torch_error_at_dtype(query, keys, values, mask, scaling, expected)
+    assert kernel_error <= 2 * torch_error + 1e-6, (kernel_error, torch_error)
+
+
+def test_attend_all_pages_leaves_unsupported_calls_to_sdpa(kernel):
+    query = torch.randn(1, 4, 64, device="cuda")  # float32: no kernel
+    keys = torch.randn(1, 2, 100, 64, device="cuda")
+    assert backends.CudaOps(kernel).attend_all_pages(query, keys, keys, None, 0.125, 16) is None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_with_device_lengths_matches_each_sequence_alone(kernel, dtype):
     """Ragged batch through seq_lens (the CUDA-graph mode): each sequence equals a single-sequence reference."""
     gen = torch.Generator(device="cuda").manual_seed(7)

@@ -16,6 +16,7 @@ logger = logging.get_logger(__name__)
 ATTENTION_NAME = "quest"
 
 _warned_no_cache = False
+_KERNEL_UNSUPPORTED = ("softcap", "s_aux", "position_bias")
 
 
 def _warn_no_quest_cache() -> None:
@@ -40,15 +41,16 @@ def dense_decode(
 ) -> tuple[torch.Tensor, None]:
     """Dense attention for the layers and steps Quest leaves dense, SDPA semantics unchanged.
 
-    A one-token GQA step runs SDPA with the group's query heads as the query rows of their KV head
+    Off CUDA, a one-token GQA step runs SDPA with the group's query heads as the query rows of their KV head
     (``[B, Hkv, G, D]``), so each key and value is read once. transformers' own SDPA path repeats the K/V heads
-    under ``torch.compile`` instead, a full copy of the cache per step and layer that costs more than attention
-    itself at long contexts.
+    under ``torch.compile`` instead, a full copy of the cache per step and layer. On CUDA the caller first tries
+    the Quest attention kernel over every page (`QuestLayer.attend_all_pages`).
     """
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads = key.shape[1]
     packable = (
-        q_len == 1
+        query.device.type != "cuda"  # there cuDNN would run one block per KV head instead of one per query head
+        and q_len == 1
         and q_heads != kv_heads
         and dropout == 0.0
         and kwargs.get("position_bias") is None
@@ -94,9 +96,13 @@ def quest_attention_forward(
         if q_len == 1:
             layer.record_decode(dense=batch * key.shape[1] * length, read=batch * key.shape[1] * length)
         layer.observe_dense(query, key, attention_mask, scaling)
+        if q_len == 1 and dropout == 0.0 and not any(kwargs.get(k) is not None for k in _KERNEL_UNSUPPORTED):
+            output = layer.attend_all_pages(query[:, :, 0], key, value, key_validity(attention_mask, length), scaling)
+            if output is not None:
+                return output[:, None], None
         return dense_decode(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
 
-    for unsupported in ("softcap", "s_aux"):
+    for unsupported in _KERNEL_UNSUPPORTED:
         if kwargs.get(unsupported) is not None:
             raise ValueError(
                 f"The 'quest' attention does not support models that use `{unsupported}` (got {unsupported}="

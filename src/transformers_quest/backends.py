@@ -9,6 +9,9 @@ This is the one module that knows compiled kernels exist. Every backend offers t
 * ``decode(query, keys, values, page_min, page_max, key_valid, config, scaling, seq_lens=None)
   -> (output, page_indices)``: one sparse decode step (see `reference.quest_decode`; the CUDA backend returns
   int32 page indices).
+* ``attend_all_pages(query, keys, values, key_valid, scaling, page_size, seq_lens=None) -> output | None``: dense
+  one-token attention by the sparse attention kernel over every page, for the steps Quest leaves dense; None where
+  no kernel fits (the torch backend always), and the caller runs SDPA.
 
 The CUDA kernels (``cuda/`` in the source tree) are loaded through the ``kernels`` package, from the first of:
 
@@ -53,6 +56,7 @@ TORCH_OPS = SimpleNamespace(
     refresh_pages=reference.refresh_pages,
     append_pages=reference.append_pages,
     decode=reference.quest_decode,
+    attend_all_pages=lambda *args, **kwargs: None,  # SDPA is the reference for dense attention
 )
 
 _forced: str | None = None
@@ -178,6 +182,30 @@ def decode_unsupported(
     return None
 
 
+def attend_all_unsupported(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_valid: torch.Tensor | None, page_size: int
+) -> str | None:
+    """Why the attention kernel cannot attend to every page of this call (None if it can)."""
+    if query.dtype not in KERNEL_DTYPES or keys.dtype != query.dtype or values.dtype != query.dtype:
+        return f"dtype {query.dtype} (kernels: float16, bfloat16)"
+    head_dim = query.shape[-1]
+    if head_dim not in KERNEL_HEAD_DIMS or values.shape[-1] != head_dim:
+        return f"head_dim {head_dim} / value dim {values.shape[-1]} (kernels: {KERNEL_HEAD_DIMS}, equal)"
+    q_heads, kv_heads = query.shape[1], keys.shape[1]
+    if q_heads % kv_heads or q_heads // kv_heads > KERNEL_MAX_GROUP:
+        return f"{q_heads} query heads over {kv_heads} KV heads (kernels: groups of up to {KERNEL_MAX_GROUP})"
+    pages = -(-keys.shape[2] // page_size)
+    if pages > KERNEL_MAX_SELECTED_PAGES:
+        return f"{pages} pages (kernels: up to {KERNEL_MAX_SELECTED_PAGES})"
+    if key_valid is not None and (key_valid.dtype != torch.bool or key_valid.stride(-1) != 1):
+        return "a key-validity mask that is not a bool tensor contiguous along tokens"
+    for name, t in (("query", query), ("keys", keys), ("values", values)):
+        problem = _vector_layout_problem(name, t)
+        if problem:
+            return problem
+    return None
+
+
 def metadata_unsupported(
     keys: torch.Tensor, page_min: torch.Tensor, page_max: torch.Tensor, summary: str = "minmax"
 ) -> str | None:
@@ -265,6 +293,34 @@ class CudaOps:
             keep_first_page=config.keep_first_page,
             seq_lens=seq_lens,
         )
+
+
+    def attend_all_pages(
+        self,
+        query: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        key_valid: torch.Tensor | None,
+        scaling: float,
+        page_size: int,
+        seq_lens: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
+        """[B, Hq, D] attention of one query token over every valid key; split over the KV sequence, so a
+        one-token step reads each key and value once at close to full bandwidth (SDPA with a mask runs one
+        block per head there)."""
+        problem = attend_all_unsupported(query, keys, values, key_valid, page_size)
+        if problem:
+            _log_once(("attend_all", problem), f"transformers-quest: dense decode by SDPA for {problem}")
+            return None
+        batch, q_heads, _ = query.shape
+        kv_heads, length = keys.shape[1], keys.shape[2]
+        pages = -(-length // page_size)
+        indices = torch.arange(pages, dtype=torch.int32, device=query.device).expand(batch, kv_heads, pages)
+        out = torch.empty_like(query)
+        self.kernel.sparse_decode(
+            out, query, keys, values, indices.contiguous(), key_valid, seq_lens, length, scaling, page_size, False
+        )
+        return out
 
 
 def get_ops(device: torch.device) -> SimpleNamespace | CudaOps:

@@ -164,6 +164,17 @@ class QuestLayer(CacheLayerMixin):
         self.record_decode(dense=batch * kv_heads * length, read=batch * kv_heads * read)
         return output
 
+    def attend_all_pages(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_valid: torch.Tensor | None, scaling: float
+    ) -> torch.Tensor | None:
+        """A dense one-token step by the backend's attention kernel: query [B, Hq, D] -> [B, Hq, D], or None where
+        the backend leaves it to SDPA (no kernel, or one that does not fit)."""
+        if key_valid is None:
+            key_valid = self.written_keys()
+        return get_ops(query.device).attend_all_pages(
+            query, key, value, key_valid, scaling, self.config.page_size, seq_lens=self.seq_lens()
+        )
+
     def observe_dense(
         self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
     ) -> None:
