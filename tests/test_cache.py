@@ -1,4 +1,4 @@
-"""QuestLayer / QuestCache storage: metadata always equals min/max recomputed from the stored keys."""
+"""QuestLayer / QuestCache storage: metadata always equals its page summary recomputed from the stored keys."""
 
 from __future__ import annotations
 
@@ -10,24 +10,40 @@ import torch
 from transformers_quest import QuestCache, QuestConfig, QuestLayer
 from transformers_quest.handoff import HANDOFF
 
+SUMMARIES = pytest.mark.parametrize("config", [{}, {"page_summary": "minmax"}], ids=["default", "minmax"])
 
-def recomputed_metadata(keys: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Independent recomputation: a Python loop over pages of the stored keys."""
+
+def recomputed_metadata(keys: torch.Tensor, page_size: int, summary: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent recomputation: a Python loop over pages of the stored keys. ``"minmax"``: element-wise min and
+    max; ``"mean"``: that box moved to be centred on the page's mean key (fp32 mean, rounded to the keys' dtype)."""
     pages = math.ceil(keys.shape[2] / page_size)
-    low = torch.stack([keys[:, :, p * page_size : (p + 1) * page_size].amin(2) for p in range(pages)], dim=2)
-    high = torch.stack([keys[:, :, p * page_size : (p + 1) * page_size].amax(2) for p in range(pages)], dim=2)
-    return low, high
+    lows, highs = [], []
+    for p in range(pages):
+        page = keys[:, :, p * page_size : (p + 1) * page_size]
+        low, high = page.amin(2), page.amax(2)
+        if summary == "mean":
+            centre, radius = page.float().mean(2), (high.float() - low.float()) / 2
+            low, high = (centre - radius).to(keys.dtype), (centre + radius).to(keys.dtype)
+        lows.append(low)
+        highs.append(high)
+    return torch.stack(lows, dim=2), torch.stack(highs, dim=2)
 
 
 def assert_metadata_consistent(layer: QuestLayer) -> None:
-    low, high = recomputed_metadata(layer.keys, layer.config.page_size)
+    summary = layer.config.page_summary
+    low, high = recomputed_metadata(layer.keys, layer.config.page_size, summary)
     pages = low.shape[2]
-    assert torch.equal(layer.page_min[:, :, :pages], low)
-    assert torch.equal(layer.page_max[:, :, :pages], high)
+    if summary == "minmax":  # exact in every dtype
+        assert torch.equal(layer.page_min[:, :, :pages], low)
+        assert torch.equal(layer.page_max[:, :, :pages], high)
+    else:  # a mean: another summation order, so equal up to one rounding to the keys' dtype
+        tolerance = dict(rtol=1e-6, atol=1e-6) if layer.keys.dtype == torch.float32 else {}
+        torch.testing.assert_close(layer.page_min[:, :, :pages], low, **tolerance)
+        torch.testing.assert_close(layer.page_max[:, :, :pages], high, **tolerance)
 
 
-def filled_layer(prefill: int, appends: int, dtype=torch.float32, batch: int = 2) -> QuestLayer:
-    layer = QuestLayer(QuestConfig(budget=64, page_size=16, dense_layers=0), layer_idx=0)
+def filled_layer(prefill: int, appends: int, dtype=torch.float32, batch: int = 2, **config) -> QuestLayer:
+    layer = QuestLayer(QuestConfig(budget=64, page_size=16, dense_layers=0, **config), layer_idx=0)
     layer.update(torch.randn(batch, 3, prefill, 8, dtype=dtype), torch.randn(batch, 3, prefill, 8, dtype=dtype))
     for _ in range(appends):
         layer.update(torch.randn(batch, 3, 1, 8, dtype=dtype), torch.randn(batch, 3, 1, 8, dtype=dtype))
@@ -35,10 +51,11 @@ def filled_layer(prefill: int, appends: int, dtype=torch.float32, batch: int = 2
     return layer
 
 
+@SUMMARIES
 @pytest.mark.parametrize("prefill,appends", [(1, 0), (16, 0), (37, 1), (37, 40), (64, 17), (5, 300)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_metadata_after_prefill_and_appends(prefill, appends, dtype):
-    layer = filled_layer(prefill, appends, dtype)
+def test_metadata_after_prefill_and_appends(prefill, appends, dtype, config):
+    layer = filled_layer(prefill, appends, dtype, **config)
     assert layer.get_seq_length() == prefill + appends
     assert layer.keys.dtype == layer.page_min.dtype == dtype
     assert_metadata_consistent(layer)
@@ -57,9 +74,10 @@ def test_keys_and_values_round_trip_through_growth():
     assert len(capacities) <= 6  # geometric growth (x1.25 from 256): a handful of allocations, not one per token
 
 
+@SUMMARIES
 @pytest.mark.parametrize("remove", [1, 5, 16, 20, 33])
-def test_crop_recomputes_the_cut_page(remove):
-    layer = filled_layer(37, 20)
+def test_crop_recomputes_the_cut_page(remove, config):
+    layer = filled_layer(37, 20, **config)
     kept = layer.keys[:, :, : 57 - remove].clone()
     layer.crop(-remove)
     assert torch.equal(layer.keys, kept)
@@ -70,8 +88,9 @@ def test_crop_recomputes_the_cut_page(remove):
     assert_metadata_consistent(layer)
 
 
-def test_reorder_select_and_repeat_keep_metadata_with_their_sequence():
-    layer = filled_layer(40, 9, batch=3)
+@SUMMARIES
+def test_reorder_select_and_repeat_keep_metadata_with_their_sequence(config):
+    layer = filled_layer(40, 9, batch=3, **config)
     keys = layer.keys.clone()
     beam_idx = torch.tensor([2, 0, 0])
     layer.reorder_cache(beam_idx)

@@ -259,7 +259,10 @@ def test_decode_matches_reference(kernel, dtype, case, aggregation, keep_first_p
     query = (2 * torch.randn(batch, q_heads, dim, generator=gen, device="cuda")).to(dtype)
     low, high = reference.page_minmax(keys, page_size)
     key_valid = padded_validity(batch, length, pads) if pads else None
-    config = QuestConfig(budget=budget, page_size=page_size, aggregation=aggregation, keep_first_page=keep_first_page)
+    config = QuestConfig(
+        budget=budget, page_size=page_size, aggregation=aggregation, keep_first_page=keep_first_page,
+        page_summary="minmax",  # the metadata above
+    )
     scaling = dim**-0.5
 
     out, indices = backends.CudaOps(kernel).decode(query, keys, values, low, high, key_valid, config, scaling)

@@ -78,8 +78,10 @@ def test_perplexity_text_is_long_plain_english():
 
 
 def test_parse_method():
-    assert parse_method("quest-paper") == SelectorSpec("quest", aggregation="max", spread=1.0, keep_first_page=False)
-    assert parse_method("quest-paper").quest_config() == QuestConfig.paper(2048)
+    paper = SelectorSpec("quest", aggregation="max", spread=1.0, keep_first_page=False, page_summary="minmax")
+    assert parse_method("quest-paper") == paper
+    assert parse_method("quest-paper").quest_config() == QuestConfig.paper(2048)  # the min/max box, not the default
+    assert parse_method("default").quest_config() == QuestConfig()
     spec = parse_method("quest:aggregation=none,spread=0.25,page_size=8,keep_first_page=true")
     assert (spec.aggregation, spec.spread, spec.page_size, spec.keep_first_page) == ("none", 0.25, 8, True)
     assert parse_method("streaming:sink_tokens=8").sink_tokens == 8

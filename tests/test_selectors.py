@@ -52,13 +52,13 @@ def cache_logprobs(model, cache, prefix_ids, tail_ids):
     return torch.stack(out)
 
 
-SPECS = [
-    SelectorSpec("quest", budget=32, page_size=8, dense_layers=1, aggregation="max", spread=1.0),
+SPECS = [  # quest rows that name no page_summary use the default (the mean-centred box)
+    SelectorSpec("quest", budget=32, page_size=8, dense_layers=1, aggregation="max", spread=1.0, page_summary="minmax"),
     SelectorSpec("quest", budget=32, page_size=8, dense_layers=1, aggregation="none", spread=0.25),
     SelectorSpec("quest", budget=48, page_size=8, dense_layers=1, aggregation="sum", spread=0.0, keep_first_page=True),
     SelectorSpec("quest", budget=48, page_size=8, dense_layers=1, spread=0.5, recent_pages=2),
     SelectorSpec("quest", budget=32, page_size=8, dense_layers=1, page_summary="centroids", keep_first_page=True),
-    SelectorSpec("quest", budget=32, page_size=8, dense_layers=1, page_summary="mean", spread=0.5),
+    SelectorSpec("quest", budget=32, page_size=8, dense_layers=1, page_summary="minmax", spread=0.5),
     SelectorSpec("oracle", budget=32, page_size=8, dense_layers=1),
     SelectorSpec("streaming", budget=32, dense_layers=1),
     SelectorSpec("h2o", budget=32, dense_layers=1),

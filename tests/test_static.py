@@ -8,7 +8,7 @@ import torch
 from transformers_quest import QuestCache, QuestConfig
 from transformers_quest.cache import StaticQuestLayer
 from transformers_quest.handoff import HANDOFF
-from transformers_quest.reference import page_minmax
+from transformers_quest.reference import page_mean_box, page_minmax
 
 
 def prompt(batch: int = 1, length: int = 150, seed: int = 1) -> torch.Tensor:
@@ -35,16 +35,22 @@ def test_static_cache_left_padded_batch_equals_growing_cache(model_pair):
     assert torch.equal(quest.generate(ids, past_key_values=QuestCache(32, max_cache_len=170), **kwargs), growing)
 
 
-def test_static_layer_metadata_after_prefill_and_appends():
-    layer = StaticQuestLayer(QuestConfig(budget=32, dense_layers=0), layer_idx=0, max_cache_len=100)
+@pytest.mark.parametrize("config", [{}, {"page_summary": "minmax"}], ids=["default", "minmax"])
+def test_static_layer_metadata_after_prefill_and_appends(config):
+    layer = StaticQuestLayer(QuestConfig(budget=32, dense_layers=0, **config), layer_idx=0, max_cache_len=100)
     assert layer.max_cache_len == 112  # rounded up to whole pages
     keys = torch.randn(2, 3, 90, 8)
     layer.update(keys[:, :, :37], keys[:, :, :37])
     for t in range(37, 90):
         layer.update(keys[:, :, t : t + 1], keys[:, :, t : t + 1])
     HANDOFF.take()
-    low, high = page_minmax(keys, 16)
-    assert torch.equal(layer.page_min[:, :, :6], low) and torch.equal(layer.page_max[:, :, :6], high)
+    if layer.config.page_summary == "minmax":
+        low, high = page_minmax(keys, 16)
+        assert torch.equal(layer.page_min[:, :, :6], low) and torch.equal(layer.page_max[:, :, :6], high)
+    else:  # the default: the min/max box centred on each page's mean key
+        low, high = page_mean_box(keys, 16)
+        torch.testing.assert_close(layer.page_min[:, :, :6], low, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(layer.page_max[:, :, :6], high, rtol=1e-6, atol=1e-6)
     assert torch.equal(layer.keys[:, :, :90], keys) and layer.keys.shape[2] == 112
 
 

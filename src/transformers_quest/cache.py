@@ -1,4 +1,5 @@
-"""QuestCache: the whole KV cache, plus the per-page key min/max that Quest scores pages with."""
+"""QuestCache: the whole KV cache, plus the two vectors per page (`QuestConfig.page_summary`) that Quest scores
+pages with."""
 
 from __future__ import annotations
 
@@ -384,7 +385,7 @@ class QuestCache(Cache):
         spread (`float`, defaults to 0.5): weight of the box half-width in the page score (1.0 = Quest's bound).
         keep_first_page (`bool`, defaults to True): always attend to the first page (the attention sink).
         recent_pages (`int`, defaults to 0): always attend to the pages just before the current one.
-        page_summary (`str`, defaults to ``"minmax"``): the two vectors kept per page ("minmax", "mean", "centroids").
+        page_summary (`str`, defaults to ``"mean"``): the two vectors kept per page ("mean", "minmax", "centroids").
         config (`QuestConfig`, *optional*): all of the above at once; excludes the other arguments.
         max_cache_len (`int`, *optional*): preallocate this many tokens (prompt + new tokens) per layer and make
             the cache compileable: on a GPU, ``generate`` then compiles and graph-captures the decode step.
@@ -406,7 +407,7 @@ class QuestCache(Cache):
         keep_first_page: bool = True,
         *,
         recent_pages: int = 0,
-        page_summary: str = "minmax",
+        page_summary: str = "mean",
         config: QuestConfig | None = None,
         max_cache_len: int | None = None,
     ):

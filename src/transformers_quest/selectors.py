@@ -5,7 +5,8 @@ a boolean token mask; attention over the masked keys is then exact (softmax over
 interface serves both the user-facing caches below (usable with ``generate``) and the offline evaluation grid,
 which is checked against these caches in the tests.
 
-* ``quest``: pages scored from their key min/max box (`reference.page_scores`), the kernels' path.
+* ``quest``: pages scored from the two vectors kept per page (`QuestConfig.page_summary`; by default the keys'
+  min/max box centred on their mean) by `reference.page_scores`, the kernels' path.
 * ``oracle``: pages ranked by their exact ``max q.k``. It reads every key, so it saves nothing: a yardstick for
   what the best page selection at a budget could reach, never a method.
 * ``streaming``: StreamingLLM (Xiao et al., 2023, arXiv 2309.17453): a few attention-sink tokens plus the most
@@ -102,7 +103,7 @@ class SelectorSpec:
             if self.page_summary == "centroids":
                 label = f"quest[{self.aggregation},centroids"
             else:
-                label = f"quest[{self.aggregation},s={self.spread:g}"
+                label = f"quest[{self.aggregation},{self.page_summary},s={self.spread:g}"
             label += ",sink" if self.keep_first_page else ""
             label += f",recent={self.recent_pages}" if self.recent_pages else ""
             label += f",p={self.page_size}" if self.page_size != 16 else ""
@@ -264,8 +265,8 @@ class QuestSelector(_PageSelector):
 
     def token_mask(self, query, logits, page_min, page_max, page_terms=None):
         """``page_terms``: optional precomputed per-head terms, each [B, Hkv, G, P] (the evaluation grid shares
-        them across rows): ``(q.c, |q|.r)`` of the min/max box, or ``(q.c1, q.c2)`` of the centroids; otherwise
-        scored by `reference.page_scores`."""
+        them across rows): ``(q.c, |q|.r)`` of the box (min/max or mean-centred), or ``(q.c1, q.c2)`` of the
+        centroids; otherwise scored by `reference.page_scores`."""
         num_pages = math.ceil(logits.shape[-1] / self.spec.page_size)
         if page_terms is not None:
             first, second = page_terms

@@ -185,8 +185,8 @@ class GridLayer(CacheLayerMixin):
         return self.length + query_length, 0
 
     def _page_terms(self, q: torch.Tensor, page_size: int, summary: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two per-head page terms of every row, each [N, Hkv, G, P]: ``q.c`` and ``|q|.r`` of the min/max box,
-        or ``q.c1`` and ``q.c2`` of the centroids (``summary="centroids"``).
+        """The two per-head page terms of every row, each [N, Hkv, G, P]: ``q.c`` and ``|q|.r`` of the box (min/max
+        or mean-centred), or ``q.c1`` and ``q.c2`` of the centroids (``summary="centroids"``).
 
         Pages wholly inside the shared prefix are scored for all rows with one matmul; the rest (the prefix's
         partial page and the tails) per row. Same numbers as `reference.page_scores` before its combination.

@@ -18,19 +18,22 @@ from .grid import prefill, run_grid
 from .tasks import PPL_SOURCE, RULER_TASKS, passkey_prompt, perplexity_text, ruler_prompt
 
 DEFAULT = QuestConfig()
+_PAPER = dict(spread=1.0, keep_first_page=False, page_summary="minmax")  # QuestConfig.paper() but the aggregation
 PRESETS: dict[str, SelectorSpec] = {
     "dense": SelectorSpec("dense"),
     "default": SelectorSpec("quest"),
-    "quest-paper": SelectorSpec("quest", aggregation="max", spread=1.0, keep_first_page=False),
-    "quest-paper-sum": SelectorSpec("quest", aggregation="sum", spread=1.0, keep_first_page=False),
-    "quest-paper-none": SelectorSpec("quest", aggregation="none", spread=1.0, keep_first_page=False),
+    "quest-paper": SelectorSpec("quest", aggregation="max", **_PAPER),
+    "quest-paper-sum": SelectorSpec("quest", aggregation="sum", **_PAPER),
+    "quest-paper-none": SelectorSpec("quest", aggregation="none", **_PAPER),
     "oracle": SelectorSpec("oracle", aggregation="max"),
     "oracle-none": SelectorSpec("oracle", aggregation="none"),
     "streaming": SelectorSpec("streaming"),
     "h2o": SelectorSpec("h2o"),
 }
 """Named methods. ``default`` is `QuestConfig`'s defaults; ``quest-paper`` is the paper's exact min/max bound
-(spread 1.0) with one selection per KV head (max over the group)."""
+(spread 1.0) with one selection per KV head (max over the group). A ``quest:...`` label that names no field takes
+`QuestConfig`'s default for it: labels in results measured before ``page_summary="mean"`` became the default, and
+that name no ``page_summary``, ran the min/max box (eval/README.md, "Not done")."""
 
 
 def parse_method(text: str) -> SelectorSpec:
