@@ -37,7 +37,7 @@ echo "benchmark rc=$?"
 
 step memcheck
 timeout ${QUEST_MEMCHECK_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
-  tests/test_cuda_ops.py -k "(refresh_pages and float16 and 16 and 64) or append_pages or select_pages or device_lengths or cuda_graph or (decode_matches_reference and float16 and (case2 or case3 or case6))" \
+  tests/test_cuda_ops.py -k "(fused_append and dtype0) or (attend_all_pages and dtype0) or (refresh_pages and float16 and 16 and 64) or append_pages or select_pages or device_lengths or cuda_graph or (decode_matches_reference and float16 and (case2 or case3 or case6))" \
   >"$OUT/memcheck.log" 2>&1
 echo "memcheck rc=$?"
 grep -E "ERROR SUMMARY|passed|failed|Invalid" "$OUT/memcheck.log" | head -20

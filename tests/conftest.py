@@ -51,3 +51,20 @@ def smollm2():
     from transformers_quest.models import load_smollm2
 
     return load_smollm2(attn_implementation="quest")
+
+
+def assert_greedy_equal_up_to_near_ties(ours, theirs, prompt_length: int, dtype: torch.dtype) -> None:
+    """Two greedy ``generate`` outputs (with ``output_scores``) agree token for token, except that they may part at
+    a step where ``theirs``' two candidate logits are within rounding of each other (different but equally valid
+    fp32 summation orders); everything after such a step is free to differ."""
+    a, b = ours.sequences[:, prompt_length:], theirs.sequences[:, prompt_length:]
+    agree = (a == b).all(0).int().cumprod(0)  # 1 up to the first step where any row differs
+    step = int(agree.sum())
+    if step == a.shape[1]:
+        return
+    logits = theirs.scores[step].float()  # [B, V] at the first differing step
+    for row in range(a.shape[0]):
+        if a[row, step] != b[row, step]:
+            gap = (logits[row, b[row, step]] - logits[row, a[row, step]]).item()
+            resolution = 4 * torch.finfo(dtype).eps * logits[row].abs().max().item()
+            assert gap <= resolution, f"step {step}, row {row}: logit gap {gap} is not a near-tie ({resolution})"

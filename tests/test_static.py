@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import assert_greedy_equal_up_to_near_ties
 from transformers_quest import QuestCache, QuestConfig
 from transformers_quest.cache import StaticQuestLayer
 from transformers_quest.handoff import HANDOFF
@@ -44,6 +45,7 @@ def test_static_layer_metadata_after_prefill_and_appends(config):
     for t in range(37, 90):
         layer.update(keys[:, :, t : t + 1], keys[:, :, t : t + 1])
     HANDOFF.take()
+    layer.sync_metadata()  # the last append waits for a sparse decode step to fold it in
     if layer.config.page_summary == "minmax":
         low, high = page_minmax(keys, 16)
         assert torch.equal(layer.page_min[:, :, :6], low) and torch.equal(layer.page_max[:, :, :6], high)
@@ -137,7 +139,8 @@ def test_decode_step_with_kernels_traces_as_one_graph():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_static_cache_on_gpu_matches_the_torch_backend(dtype):
-    """The compiled kernels (when they load) and the PyTorch ops give the same tokens through a static cache."""
+    """The compiled kernels (when they load) and the PyTorch ops give the same tokens through a static cache, up to
+    near-ties of the next-token logits (the kernels and SDPA round differently)."""
     from transformers_quest import set_backend
 
     model = gpu_model(dtype)
@@ -148,7 +151,7 @@ def test_static_cache_on_gpu_matches_the_torch_backend(dtype):
             set_backend(backend)
             cache = QuestCache(64, dense_layers=1, max_cache_len=720)
             outputs[backend] = model.generate(ids, max_new_tokens=16, do_sample=False, past_key_values=cache,
-                                              disable_compile=True)
+                                              disable_compile=True, output_scores=True, return_dict_in_generate=True)
     finally:
         set_backend("auto")
-    assert torch.equal(outputs["auto"], outputs["torch"])
+    assert_greedy_equal_up_to_near_ties(outputs["auto"], outputs["torch"], ids.shape[1], dtype)

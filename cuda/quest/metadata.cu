@@ -10,6 +10,7 @@
 #include "check.h"
 #include "common.cuh"
 #include "launch.h"
+#include "metadata.cuh"
 #include "ops.h"
 
 namespace quest {
@@ -51,36 +52,9 @@ __global__ void refresh_pages_kernel(const RefreshParams<T> p) {
   }
   const int t0 = page << p.log2_page;
   const int t1 = min(t0 + p.page_size, end);
-  const T* k = p.keys + b * p.k_stride_b + h * p.k_stride_h + vec * kVec;
-  float lo[kVec], hi[kVec], sum[kVec];
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) {
-    lo[i] = INFINITY;
-    hi[i] = -INFINITY;
-    sum[i] = 0.f;
-  }
-  for (int t = t0; t < t1; ++t) {
-    float x[kVec];
-    unpack8<T>(load16(k + t * p.k_stride_t), x);
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      lo[i] = fminf(lo[i], x[i]);
-      hi[i] = fmaxf(hi[i], x[i]);
-      sum[i] += x[i];
-    }
-  }
-  if (p.mean_box) {
-    const float inv_count = 1.f / static_cast<float>(max(t1 - t0, 1));
-#pragma unroll
-    for (int i = 0; i < kVec; ++i) {
-      const float mean = sum[i] * inv_count, radius = (hi[i] - lo[i]) * 0.5f;
-      lo[i] = mean - radius;
-      hi[i] = mean + radius;
-    }
-  }
   const int64_t off = b * p.m_stride_b + h * p.m_stride_h + page * p.m_stride_p + vec * kVec;
-  *reinterpret_cast<uint4*>(p.page_min + off) = pack8<T>(lo);
-  *reinterpret_cast<uint4*>(p.page_max + off) = pack8<T>(hi);
+  recompute_page_slice<T>(p.keys + b * p.k_stride_b + h * p.k_stride_h + vec * kVec, p.k_stride_t, t0, t1,
+                          p.mean_box, p.page_min + off, p.page_max + off);
 }
 
 template <typename T>

@@ -20,9 +20,10 @@ void refresh_pages(at::Tensor& page_min, at::Tensor& page_max, const at::Tensor&
 void append_pages(at::Tensor& page_min, at::Tensor& page_max, const at::Tensor& keys, const at::Tensor& seq_lens,
                   int64_t page_size, int64_t summary);
 
-void page_scores(at::Tensor& scores, const at::Tensor& query, const at::Tensor& page_min, const at::Tensor& page_max,
+void page_scores(at::Tensor& scores, const at::Tensor& query, at::Tensor& page_min, at::Tensor& page_max,
                  const std::optional<at::Tensor>& key_valid, const std::optional<at::Tensor>& seq_lens, int64_t max_len,
-                 double spread, int64_t aggregation, int64_t score_mode, int64_t page_size);
+                 double spread, int64_t aggregation, int64_t score_mode, int64_t page_size,
+                 const std::optional<at::Tensor>& append_keys, int64_t summary);
 
 void select_pages(at::Tensor& indices, const at::Tensor& scores, bool keep_first);
 

@@ -6,12 +6,17 @@
 // score_mode 1 (two vectors per page, e.g. centroids kept in the same slots): max(q.page_max, q.page_min)
 // Aggregation over the G query heads of a KV head: 0 max, 1 sum, 2 none (one score row per query head).
 // Pages with no valid token (left padding, or past a sequence's length) score -inf, the current page +inf.
+//
+// With append keys, one extra block per row also recomputes the metadata of the current page (the decode append)
+// from the keys. Scoring never uses that page's metadata (it is forced), so the append needs no ordering against
+// the scoring blocks and costs no launch of its own; the next step's scoring sees it.
 #include <c10/cuda/CUDAStream.h>
 
 #include "check.h"
 #include "common.cuh"
 #include "dispatch.h"
 #include "launch.h"
+#include "metadata.cuh"
 #include "ops.h"
 
 namespace quest {
@@ -32,6 +37,16 @@ struct ScoreParams {
   int kv_heads, group, num_pages, page_size, log2_page;
   float w_hi, w_lo;
   int aggregation, score_mode;
+};
+
+template <typename T>
+struct AppendParams {
+  const T* keys;  // null: no append
+  T* page_min;
+  T* page_max;
+  int64_t k_stride_b, k_stride_h, k_stride_t;
+  int max_tokens;  // keys.size(2): lengths beyond it are ignored rather than read out of bounds
+  bool mean_box;
 };
 
 constexpr int kScoreWarps = 8;
@@ -64,8 +79,30 @@ __device__ __forceinline__ float reduce_scatter(float (&v)[NQ], int lane) {
   return x;
 }
 
+// The decode append of row blockIdx.y: recompute the page holding the newest token from its keys.
+template <typename T, int D>
+__device__ __forceinline__ void append_current_page(const ScoreParams<T>& p, const AppendParams<T>& a) {
+  const int b = blockIdx.y / p.kv_heads, kvh = blockIdx.y % p.kv_heads;
+  pdl_wait();  // the keys come from the kernels before
+  pdl_launch_dependents();
+  const int len = p.seq_lens != nullptr ? p.seq_lens[b] : p.max_len;
+  if (len <= 0 || len > a.max_tokens) return;
+  const int t0 = ((len - 1) >> p.log2_page) << p.log2_page;
+  const int t1 = min(t0 + p.page_size, len);
+  const int64_t row = b * p.m_stride_b + kvh * p.m_stride_h + (t0 >> p.log2_page) * p.m_stride_p;
+  for (int vec = threadIdx.x; vec < D / kVec; vec += blockDim.x) {
+    recompute_page_slice<T>(a.keys + b * a.k_stride_b + kvh * a.k_stride_h + vec * kVec, a.k_stride_t, t0, t1,
+                            a.mean_box, a.page_min + row + vec * kVec, a.page_max + row + vec * kVec);
+  }
+}
+
 template <typename T, int D, int NQ>
-__global__ void __launch_bounds__(kScoreWarps * 32) page_scores_kernel(const ScoreParams<T> p) {
+__global__ void __launch_bounds__(kScoreWarps * 32)
+    page_scores_kernel(const ScoreParams<T> p, const AppendParams<T> a) {
+  if (a.keys != nullptr && blockIdx.x == gridDim.x - 1) {
+    append_current_page<T, D>(p, a);
+    return;
+  }
   constexpr int LPT = D / kVec;         // lanes per page
   constexpr int PPW = 32 / LPT;         // pages per warp and step
   constexpr int SAME_HEAD = LPT / NQ;   // lanes holding the same head after reduce_scatter
@@ -182,9 +219,10 @@ __global__ void __launch_bounds__(kScoreWarps * 32) page_scores_kernel(const Sco
 
 }  // namespace quest
 
-void page_scores(at::Tensor& scores, const at::Tensor& query, const at::Tensor& page_min, const at::Tensor& page_max,
+void page_scores(at::Tensor& scores, const at::Tensor& query, at::Tensor& page_min, at::Tensor& page_max,
                  const std::optional<at::Tensor>& key_valid, const std::optional<at::Tensor>& seq_lens, int64_t max_len,
-                 double spread, int64_t aggregation, int64_t score_mode, int64_t page_size) {
+                 double spread, int64_t aggregation, int64_t score_mode, int64_t page_size,
+                 const std::optional<at::Tensor>& append_keys, int64_t summary) {
   using namespace quest;
   check_vectors(query, "query");
   check_vectors(page_min, "page_min");
@@ -211,6 +249,11 @@ void page_scores(at::Tensor& scores, const at::Tensor& query, const at::Tensor& 
               " pages=", num_pages, " page_min pages=", page_min.size(2));
   check_key_valid(key_valid, batch, max_len);
   check_seq_lens(seq_lens, batch);
+  if (append_keys.has_value()) {
+    TORCH_CHECK(summary == 0 || summary == 1, "summary must be 0 (min/max) or 1 (mean box), got ", summary);
+    check_metadata(page_min, page_max, *append_keys);
+    TORCH_CHECK(page_min.size(2) * page_size >= append_keys->size(2), "page_min must cover every token of append_keys");
+  }
   if (batch == 0) return;
   const c10::cuda::CUDAGuard guard(query.device());
 
@@ -242,8 +285,21 @@ void page_scores(at::Tensor& scores, const at::Tensor& query, const at::Tensor& 
         p.w_lo = static_cast<float>((1.0 - spread) * 0.5);
         p.aggregation = aggregation;
         p.score_mode = score_mode;
-        const dim3 grid((num_pages + score_pages_per_block<D>() - 1) / score_pages_per_block<D>(), batch * kv_heads);
-        launch_pdl(page_scores_kernel<T, D, NQ>, grid, dim3(kScoreWarps * 32), 0, c10::cuda::getCurrentCUDAStream(), p);
+        AppendParams<T> a = {};
+        if (append_keys.has_value()) {
+          a.keys = reinterpret_cast<const T*>(append_keys->data_ptr());
+          a.page_min = reinterpret_cast<T*>(page_min.data_ptr());
+          a.page_max = reinterpret_cast<T*>(page_max.data_ptr());
+          a.k_stride_b = append_keys->stride(0);
+          a.k_stride_h = append_keys->stride(1);
+          a.k_stride_t = append_keys->stride(2);
+          a.max_tokens = append_keys->size(2);
+          a.mean_box = summary == 1;
+        }
+        const int score_blocks = (num_pages + score_pages_per_block<D>() - 1) / score_pages_per_block<D>();
+        const dim3 grid(score_blocks + (append_keys.has_value() ? 1 : 0), batch * kv_heads);
+        launch_pdl(page_scores_kernel<T, D, NQ>, grid, dim3(kScoreWarps * 32), 0, c10::cuda::getCurrentCUDAStream(), p,
+                   a);
       });
     });
   });

@@ -16,10 +16,12 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
           "int summary=0) -> ()");
   ops.impl("append_pages", c10::kCUDA, &append_pages);
 
-  // fp32 page scores [B, Hs, P] for one query token: invalid pages -inf, the current page +inf.
+  // fp32 page scores [B, Hs, P] for one query token: invalid pages -inf, the current page +inf. With append_keys,
+  // the same launch first recomputes each sequence's current page from them (append_pages, fused; summary as there).
   ops.def(
-      "page_scores(Tensor! scores, Tensor query, Tensor page_min, Tensor page_max, Tensor? key_valid, "
-      "Tensor? seq_lens, int max_len, float spread, int aggregation, int score_mode, int page_size) -> ()");
+      "page_scores(Tensor! scores, Tensor query, Tensor(a!) page_min, Tensor(b!) page_max, Tensor? key_valid, "
+      "Tensor? seq_lens, int max_len, float spread, int aggregation, int score_mode, int page_size, "
+      "Tensor? append_keys=None, int summary=0) -> ()");
   ops.impl("page_scores", c10::kCUDA, &page_scores);
 
   // Indices [B, Hs, K] (int32, ascending) of the K best pages of every score row.

@@ -6,9 +6,10 @@ This is the one module that knows compiled kernels exist. Every backend offers t
   into the page metadata, in place (see `reference.refresh_pages`).
 * ``append_pages(page_min, page_max, keys, seq_lens, page_size, summary="minmax")``: recompute the page holding
   each sequence's newest token, whose length is a device tensor (static cache; graph-safe).
-* ``decode(query, keys, values, page_min, page_max, key_valid, config, scaling, seq_lens=None)
+* ``decode(query, keys, values, page_min, page_max, key_valid, config, scaling, seq_lens=None, append_keys=None)
   -> (output, page_indices)``: one sparse decode step (see `reference.quest_decode`; the CUDA backend returns
-  int32 page indices).
+  int32 page indices). With ``append_keys`` (a static cache's key buffer), the step first does the decode append
+  of ``append_pages``; the kernels fold it into the scoring launch.
 * ``attend_all_pages(query, keys, values, key_valid, scaling, page_size, seq_lens=None) -> output | None``: dense
   one-token attention by the sparse attention kernel over every page, for the steps Quest leaves dense; None where
   no kernel fits (the torch backend always), and the caller runs SDPA.
@@ -51,11 +52,29 @@ KERNEL_HEAD_DIMS = (64, 128)
 KERNEL_MAX_GROUP = 8
 KERNEL_MAX_SELECTED_PAGES = 64 * 256  # splits x pages per split of the attention kernel
 
+def _append_then_decode(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    page_min: torch.Tensor,
+    page_max: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    config: QuestConfig,
+    scaling: float,
+    seq_lens: torch.Tensor | None = None,
+    append_keys: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference decode step, with the decode append (if any) done first."""
+    if append_keys is not None:
+        reference.append_pages(page_min, page_max, append_keys, seq_lens, config.page_size, config.page_summary)
+    return reference.quest_decode(query, keys, values, page_min, page_max, key_valid, config, scaling, seq_lens=seq_lens)
+
+
 TORCH_OPS = SimpleNamespace(
     name="torch",
     refresh_pages=reference.refresh_pages,
     append_pages=reference.append_pages,
-    decode=reference.quest_decode,
+    decode=_append_then_decode,
     attend_all_pages=lambda *args, **kwargs: None,  # SDPA is the reference for dense attention
 )
 
@@ -271,8 +290,14 @@ class CudaOps:
         config: QuestConfig,
         scaling: float,
         seq_lens: torch.Tensor | None = None,
+        append_keys: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         problem = decode_unsupported(query, keys, values, page_min, page_max, key_valid, config)
+        if append_keys is not None and (
+            problem or metadata_unsupported(append_keys, page_min, page_max, config.page_summary)
+        ):
+            self.append_pages(page_min, page_max, append_keys, seq_lens, config.page_size, config.page_summary)
+            append_keys = None
         if problem:
             _log_once(("decode", problem), f"transformers-quest: decode on torch for {problem}", warning=True)
             return reference.quest_decode(
@@ -292,6 +317,8 @@ class CudaOps:
             aggregation=config.aggregation,
             keep_first_page=config.keep_first_page,
             seq_lens=seq_lens,
+            append_keys=append_keys,
+            summary=config.page_summary,
         )
 
 

@@ -56,6 +56,8 @@ class QuestLayer(CacheLayerMixin):
         self._value_buffer: torch.Tensor | None = None
         self.page_min: torch.Tensor | None = None
         self.page_max: torch.Tensor | None = None
+        # A decode append left for the next sparse step to fold into its scoring launch (static layers only).
+        self._append_pending = False
 
     def __repr__(self) -> str:
         kind = "dense" if self.is_dense else "quest"
@@ -125,6 +127,9 @@ class QuestLayer(CacheLayerMixin):
         """[B, L] bool of the slots holding tokens, for when transformers passes no mask; None: all of them."""
         return None
 
+    def sync_metadata(self) -> None:
+        """Bring the page metadata up to date with the keys (a static layer may defer its last decode append)."""
+
     def _refresh_metadata(self, start: int, end: int) -> None:
         if self.keeps_metadata:
             get_ops(self.device).refresh_pages(
@@ -154,9 +159,11 @@ class QuestLayer(CacheLayerMixin):
         num_pages = -(-length // config.page_size)
         if key_valid is None:
             key_valid = self.written_keys()
+        append_keys = self._key_buffer if self._append_pending else None
+        self._append_pending = False
         output, _ = get_ops(query.device).decode(
             query, key, value, self.page_min, self.page_max, key_valid, config, scaling,
-            seq_lens=self.seq_lens(),
+            seq_lens=self.seq_lens(), append_keys=append_keys,
         )
         # Upper bound of the pages a KV head reads: per-query-head selection may pick different pages per head.
         group = q_heads // kv_heads
@@ -308,6 +315,9 @@ class StaticQuestLayer(QuestLayer):
                     f"QuestCache(max_cache_len={self.max_cache_len}) cannot hold {end} tokens: give max_cache_len >= "
                     "prompt length + max_new_tokens."
                 )
+        # An append the attention did not take (a dense step, another attention function) runs before the write:
+        # it recomputes the page of the newest token, which the write is about to change.
+        self._flush_append()
         positions = torch.arange(count, device=self.device) + self.cumulative_length
         self._key_buffer.index_copy_(2, positions, key_states)
         self._value_buffer.index_copy_(2, positions, value_states)
@@ -315,15 +325,29 @@ class StaticQuestLayer(QuestLayer):
         self._seq_lens.add_(count)
         if self.keeps_metadata:
             if count == 1:
-                get_ops(self.device).append_pages(
-                    self.page_min, self.page_max, self._key_buffer, self._seq_lens, self.config.page_size,
-                    self.config.page_summary,
-                )
+                # The current page's score is forced, so its metadata is first needed by the next step: a sparse
+                # decode folds this append into its scoring launch instead of launching it here.
+                self._append_pending = True
+                if not self.is_sparse_step(1, self.max_cache_len):
+                    self._flush_append()
             else:
                 start = int(positions[0])
                 self._refresh_metadata(start, start + count)
         HANDOFF.publish(self)
         return self.keys, self.values
+
+    def sync_metadata(self) -> None:
+        """Run a decode append left for the next sparse step on its own. Only code that reads ``page_min`` /
+        ``page_max`` outside a decode step needs this."""
+        self._flush_append()
+
+    def _flush_append(self) -> None:
+        if self._append_pending:
+            self._append_pending = False
+            get_ops(self.device).append_pages(
+                self.page_min, self.page_max, self._key_buffer, self._seq_lens, self.config.page_size,
+                self.config.page_summary,
+            )
 
     @property
     def visible_length(self) -> int:

@@ -83,6 +83,8 @@ def page_scores(
     aggregation: int,
     score_mode: int,
     page_size: int,
+    append_keys: torch.Tensor | None = None,
+    summary: str = "minmax",
 ) -> None:
     """Write fp32 page scores: ``-inf`` for pages without a valid token, ``+inf`` for each sequence's last page.
 
@@ -94,9 +96,14 @@ def page_scores(
         seq_lens: (B,), int32 tokens per sequence; or None for ``max_len`` everywhere.
         aggregation: 0 max / 1 sum over the G heads of a KV head, 2 none (Hs = Hq).
         score_mode: 0 ``q.c + spread |q|.r`` over the min/max box; 1 ``max(q.page_max, q.page_min)``.
+        append_keys: (B, Hkv, capacity, D) with the new token written, to fold it into the metadata in the same
+            launch (`append_pages` with ``seq_lens``, or ``max_len`` tokens); the current page's score is forced,
+            so its metadata is only needed from the next step on. None: no append.
+        summary: as for `refresh_pages`, for the append.
     """
     ops.page_scores(
-        scores, query, page_min, page_max, key_valid, seq_lens, max_len, spread, aggregation, score_mode, page_size
+        scores, query, page_min, page_max, key_valid, seq_lens, max_len, spread, aggregation, score_mode, page_size,
+        append_keys, SUMMARIES[summary],
     )
 
 
@@ -153,12 +160,15 @@ def decode(
     keep_first_page: bool = False,
     score_mode: str = "box",
     seq_lens: torch.Tensor | None = None,
+    append_keys: torch.Tensor | None = None,
+    summary: str = "minmax",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One Quest decode step of one layer: score pages, keep the best ``page_budget``, attend to them.
 
     Args:
         query: (B, Hq, D); keys, values: (B, Hkv, L, D); page_min, page_max: (B, Hkv, >= P, D).
         key_valid: (B, L), bool or None.
+        append_keys, summary: the decode append, fused into scoring (see `page_scores`).
     Returns:
         out (B, Hq, D) in the query's dtype, and page indices (B, Hs, min(page_budget, P)), int32, ascending.
     """
@@ -169,7 +179,8 @@ def decode(
     sel_heads = q_heads if agg == 2 else keys.shape[1]
     scores = torch.empty(batch, sel_heads, num_pages, dtype=torch.float32, device=query.device)
     ops.page_scores(
-        scores, query, page_min, page_max, key_valid, seq_lens, length, spread, agg, SCORE_MODES[score_mode], page_size
+        scores, query, page_min, page_max, key_valid, seq_lens, length, spread, agg, SCORE_MODES[score_mode], page_size,
+        append_keys, SUMMARIES[summary],
     )
     indices = torch.empty(batch, sel_heads, min(page_budget, num_pages), dtype=torch.int32, device=query.device)
     ops.select_pages(indices, scores, keep_first_page)
@@ -192,7 +203,10 @@ def _(page_min, page_max, keys, seq_lens, page_size, summary=0) -> None:
 
 
 @torch.library.register_fake(add_op_namespace_prefix("page_scores"))
-def _(scores, query, page_min, page_max, key_valid, seq_lens, max_len, spread, aggregation, score_mode, page_size) -> None:
+def _(
+    scores, query, page_min, page_max, key_valid, seq_lens, max_len, spread, aggregation, score_mode, page_size,
+    append_keys=None, summary=0,
+) -> None:
     return None
 
 
