@@ -2,10 +2,11 @@
 
 Every measurement is a CUDA graph of ten (L2 flush, step) pairs minus a graph of the ten flushes, timed with CUDA
 events (median of the replays), divided by ten: the step's cost inside a model-level graph, cold L2. The Quest
-step is page scoring + top-k selection + sparse attention (+ the split merge); the per-op breakdown times each op
-in its own graph. "floor" is the time to read the bytes the step must read
-(dense: all keys and values; Quest: the page metadata and the selected pages) at the copy bandwidth measured at
-the start of the run.
+step is `decode` as the static cache runs it (lengths on the device, the mean-box decode append fused into the
+scoring launch): page scoring + top-k selection + sparse attention (+ the split merge); the per-op breakdown times
+each op in its own graph, and "score + fused append" the scoring launch that also does the append. "floor" is the
+time to read the bytes the step must read (dense: all keys and values; Quest: the page metadata and the selected
+pages) at the copy bandwidth measured at the start of the run.
 
     python benchmarks/attention.py                       # the full grid of the issue, JSON to benchmarks/results/
     python benchmarks/attention.py --quick               # budget 2048, batch 1, float16 only
@@ -168,10 +169,10 @@ def run_context(kernel, timer, shape, dtype_name, batch, context, budgets, page_
         page_budget = budget // page_size
         selected = min(page_budget, num_pages)
 
-        def step():
+        def step():  # as the static cache runs it: lengths on the device, the decode append fused into scoring
             return kernel.decode(
                 query, keys, values, page_min, page_max, None, page_size=page_size, page_budget=page_budget,
-                scale=scaling,
+                scale=scaling, spread=0.5, keep_first_page=True, seq_lens=seq_lens, append_keys=keys, summary="mean",
             )
 
         quest_us = timer(step)
@@ -182,6 +183,11 @@ def run_context(kernel, timer, shape, dtype_name, batch, context, budgets, page_
             lambda: kernel.page_scores(scores, query, page_min, page_max, None, None, context, 1.0, 0, 0, page_size)
         )
         kernel.page_scores(scores, query, page_min, page_max, None, None, context, 1.0, 0, 0, page_size)
+        score_append_us = timer(
+            lambda: kernel.page_scores(
+                scores, query, page_min, page_max, None, seq_lens, context, 1.0, 0, 0, page_size, keys, "mean"
+            )
+        )
         select_us = timer(lambda: kernel.select_pages(indices, scores, False))
         kernel.select_pages(indices, scores, False)
         attend_us = timer(
@@ -209,6 +215,9 @@ def run_context(kernel, timer, shape, dtype_name, batch, context, budgets, page_
                 "append_us": append_us,
                 "append_share": append_us / quest_us,
                 "append_mean_us": append_mean_us,
+                "score_with_append_us": score_append_us,
+                "fused_append_us": score_append_us - score_us,
+                "fused_append_share": (score_append_us - score_us) / quest_us,
             }
         )
         print(format_row(rows[-1]), flush=True)
@@ -219,8 +228,9 @@ def run_context(kernel, timer, shape, dtype_name, batch, context, budgets, page_
 
 HEADER = (
     "| shape | dtype | B | context | budget | SDPA us | Quest us | speedup | dense floor us | Quest floor us "
-    "| Quest at floor | score us | select us | attend us | append us (share) | mean append us |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| Quest at floor | score us | select us | attend us | append us (share) | mean append us "
+    "| score + fused append us (share) |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -229,7 +239,9 @@ def format_row(r: dict) -> str:
         f"| {r['shape']} | {r['dtype']} | {r['batch']} | {r['context'] // 1024}K | {r['budget']} | {r['sdpa_us']:.1f} "
         f"| {r['quest_us']:.1f} | {r['speedup']:.2f}x | {r['dense_floor_us']:.1f} | {r['quest_floor_us']:.1f} "
         f"| {100 * r['quest_floor_share']:.0f}% | {r['score_us']:.1f} | {r['select_us']:.1f} | {r['attend_us']:.1f} "
-        f"| {r['append_us']:.1f} ({100 * r['append_share']:.1f}%) | {r.get('append_mean_us', float('nan')):.1f} |"
+        f"| {r['append_us']:.1f} ({100 * r['append_share']:.1f}%) | {r.get('append_mean_us', float('nan')):.1f} "
+        f"| {r.get('score_with_append_us', float('nan')):.1f} "
+        f"({100 * r.get('fused_append_share', float('nan')):.1f}%) |"
     )
 
 
@@ -247,8 +259,12 @@ def target_lines(rows: list[dict]) -> list[str]:
             )
     slower = [r for r in rows if r["context"] >= 4096 and r["speedup"] < 1.0]
     lines.append(f"- slower than dense at >= 4K: {len(slower)} of {len(rows)} configurations")
-    worst_append = max((r["append_share"] for r in rows), default=0.0)
-    lines.append(f"- metadata append, largest share of a Quest step: {100 * worst_append:.1f}% (target <= 5%)")
+    worst_fused = max((r.get("fused_append_share", float("nan")) for r in rows), default=0.0)
+    worst_alone = max((r["append_share"] for r in rows), default=0.0)
+    lines.append(
+        f"- metadata append fused into scoring (as decode runs it), largest share of a Quest step: "
+        f"{100 * worst_fused:.1f}% (target <= 5%); as a launch of its own: {100 * worst_alone:.1f}%"
+    )
     return lines
 
 
