@@ -9,6 +9,6 @@ python -m transformers_quest.evaluation passkey --lengths 8192 --prompts 10 --na
   dense "quest:page_summary=mean"
 python -m transformers_quest.evaluation perplexity --length 8192 --window 256 --budgets 256 1024 \
   --name perplexity_mean --methods dense "quest:page_summary=mean"
-# RULER-style at 4K: the default when this ran (min/max box, first page kept: label `default`) and the mean box.
+# RULER-style at 4K: the default when this ran (min/max box, first page kept) and the mean box.
 python -m transformers_quest.evaluation --h2o-window 256 ruler --length 4096 --prompts 2 --budgets 256 1024 \
-  --name ruler_default --methods dense default "quest:page_summary=mean"
+  --name ruler_default --methods dense "quest:page_summary=minmax" "quest:page_summary=mean"

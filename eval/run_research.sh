@@ -3,7 +3,7 @@
 set -euo pipefail
 python -m transformers_quest.evaluation passkey --lengths 4096 --prompts 10 --name passkey_research --methods \
   dense oracle \
-  "quest:aggregation=softmax,spread=1.0,keep_first_page=false" "quest:aggregation=softmax,spread=0.5,keep_first_page=false" \
-  "quest:aggregation=softmax,spread=0.25,keep_first_page=false" "quest:aggregation=softmax,spread=0,keep_first_page=false" \
-  "quest:aggregation=rank,spread=1.0,keep_first_page=false" "quest:aggregation=rank,spread=0.25,keep_first_page=false" "quest:aggregation=rank,spread=0,keep_first_page=false" \
-  "quest:spread=0.5,keep_first_page=false" "quest:aggregation=none,spread=0.5,keep_first_page=false" "quest:aggregation=sum,spread=0.25,keep_first_page=false"
+  "quest:page_summary=minmax,aggregation=softmax,spread=1.0,keep_first_page=false" "quest:page_summary=minmax,aggregation=softmax,spread=0.5,keep_first_page=false" \
+  "quest:page_summary=minmax,aggregation=softmax,spread=0.25,keep_first_page=false" "quest:page_summary=minmax,aggregation=softmax,spread=0,keep_first_page=false" \
+  "quest:page_summary=minmax,aggregation=rank,spread=1.0,keep_first_page=false" "quest:page_summary=minmax,aggregation=rank,spread=0.25,keep_first_page=false" "quest:page_summary=minmax,aggregation=rank,spread=0,keep_first_page=false" \
+  "quest:page_summary=minmax,spread=0.5,keep_first_page=false" "quest:page_summary=minmax,aggregation=none,spread=0.5,keep_first_page=false" "quest:page_summary=minmax,aggregation=sum,spread=0.25,keep_first_page=false"

@@ -13,8 +13,11 @@ from .runner import environment, run_passkey, run_perplexity, run_ruler
 
 PASSKEY_METHODS = [
     "dense", "oracle", "quest-paper", "quest-paper-sum", "quest-paper-none",
-    "quest:spread=0.25,keep_first_page=false", "quest:aggregation=none,spread=0.25,keep_first_page=false", "quest:spread=0,keep_first_page=false",
-    "quest:aggregation=none,spread=0,keep_first_page=false", "quest:spread=1.0,keep_first_page=true", "streaming", "h2o",
+    "quest:page_summary=minmax,spread=0.25,keep_first_page=false",
+    "quest:page_summary=minmax,aggregation=none,spread=0.25,keep_first_page=false",
+    "quest:page_summary=minmax,spread=0,keep_first_page=false",
+    "quest:page_summary=minmax,aggregation=none,spread=0,keep_first_page=false",
+    "quest:page_summary=minmax,spread=1.0,keep_first_page=true", "streaming", "h2o",
 ]
 SHORT_METHODS = ["dense", "oracle", "default", "quest-paper", "streaming", "h2o"]
 

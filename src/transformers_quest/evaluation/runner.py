@@ -32,8 +32,8 @@ PRESETS: dict[str, SelectorSpec] = {
 }
 """Named methods. ``default`` is `QuestConfig`'s defaults; ``quest-paper`` is the paper's exact min/max bound
 (spread 1.0) with one selection per KV head (max over the group). A ``quest:...`` label that names no field takes
-`QuestConfig`'s default for it: labels in results measured before ``page_summary="mean"`` became the default, and
-that name no ``page_summary``, ran the min/max box (eval/README.md, "Not done")."""
+`QuestConfig`'s default for it, so the committed results measured with an earlier default name it explicitly
+(``keep_first_page=false``, ``page_summary=minmax``)."""
 
 
 def parse_method(text: str) -> SelectorSpec:
