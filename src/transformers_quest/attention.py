@@ -19,6 +19,11 @@ _warned_no_cache = False
 _KERNEL_UNSUPPORTED = ("softcap", "s_aux", "position_bias")
 
 
+def _uses_unsupported(kwargs: dict) -> bool:
+    """Whether the model passes an attention term that only transformers' own SDPA path applies."""
+    return any(kwargs.get(name) is not None for name in _KERNEL_UNSUPPORTED)
+
+
 def _warn_no_quest_cache() -> None:
     global _warned_no_cache
     if not _warned_no_cache:
@@ -53,8 +58,7 @@ def dense_decode(
         and q_len == 1
         and q_heads != kv_heads
         and dropout == 0.0
-        and kwargs.get("position_bias") is None
-        and kwargs.get("softcap") is None
+        and not _uses_unsupported(kwargs)
         and (attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1))
     )
     if not packable:
@@ -96,7 +100,7 @@ def quest_attention_forward(
         if q_len == 1:
             layer.record_decode(dense=batch * key.shape[1] * length, read=batch * key.shape[1] * length)
         layer.observe_dense(query, key, attention_mask, scaling)
-        if q_len == 1 and dropout == 0.0 and not any(kwargs.get(k) is not None for k in _KERNEL_UNSUPPORTED):
+        if q_len == 1 and dropout == 0.0 and not _uses_unsupported(kwargs):
             output = layer.attend_all_pages(query[:, :, 0], key, value, key_validity(attention_mask, length), scaling)
             if output is not None:
                 return output[:, None], None
