@@ -47,18 +47,6 @@ constexpr int kDecodeWarps = 4;
 constexpr int kMaxPagesPerSplit = 256;
 constexpr int kMaxSplits = 64;  // the merge keeps one weight per split and head in shared memory
 
-// Cached per device: the attribute query is cheap but not free, and this runs once per layer and step.
-inline int multiprocessor_count(int device) {
-  static int counts[64] = {0};
-  if (device < 0 || device >= 64) return 132;
-  if (counts[device] == 0) {
-    int count = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    counts[device] = count;
-  }
-  return counts[device];
-}
-
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>

@@ -4,7 +4,32 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
+
 namespace quest {
+
+// QUEST_KERNELS_PDL=0 launches every kernel without programmatic dependent launch (pdl_wait then returns at once):
+// for measuring what the overlap is worth, or for tools that do not support it.
+inline bool pdl_enabled() {
+  static const bool enabled = [] {
+    const char* value = std::getenv("QUEST_KERNELS_PDL");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+  return enabled;
+}
+
+// Cached per device: the attribute query is cheap but not free, and this runs once per layer and step.
+inline int multiprocessor_count(int device) {
+  static int counts[64] = {0};
+  if (device < 0 || device >= 64) return 132;
+  if (counts[device] == 0) {
+    int count = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    counts[device] = count;
+  }
+  return counts[device];
+}
 
 template <typename... Params, typename... Args>
 void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
@@ -17,7 +42,7 @@ void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, c
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
-  config.numAttrs = 1;
+  config.numAttrs = pdl_enabled() ? 1 : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 

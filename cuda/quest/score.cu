@@ -50,11 +50,23 @@ struct AppendParams {
 };
 
 constexpr int kScoreWarps = 8;
-constexpr int kScoreUnroll = 4;
 
-template <int D>
-constexpr int score_pages_per_block() {
-  return kScoreWarps * (32 / (D / kVec)) * kScoreUnroll;
+// With several heads per page (GQA) the scoring is heavy on arithmetic: a block then loads its next batch while it
+// scores the current one, two pages per lane each. With one head (MHA) the arithmetic is light and more blocks in
+// flight, four pages per lane and no second batch in registers, keep more bytes moving.
+template <int NQ>
+constexpr bool score_pipelined() {
+  return NQ >= 2;
+}
+
+template <int NQ>
+constexpr int score_unroll() {
+  return score_pipelined<NQ>() ? 2 : 4;
+}
+
+template <int D, int NQ>
+constexpr int score_pages_per_batch() {
+  return kScoreWarps * (32 / (D / kVec)) * score_unroll<NQ>();
 }
 
 // Sums v[h] over the LPT lanes of a page for all NQ heads with log2(LPT) + NQ - 1 shuffles instead of
@@ -96,16 +108,20 @@ __device__ __forceinline__ void append_current_page(const ScoreParams<T>& p, con
   }
 }
 
+// A block scores batches blockIdx.x, blockIdx.x + stride, ... of one row with the query weights prepared once; when
+// pipelined, the next batch's metadata is loaded while the current one is scored.
 template <typename T, int D, int NQ>
 __global__ void __launch_bounds__(kScoreWarps * 32)
     page_scores_kernel(const ScoreParams<T> p, const AppendParams<T> a) {
-  if (a.keys != nullptr && blockIdx.x == gridDim.x - 1) {
+  const bool appends = a.keys != nullptr;
+  if (appends && blockIdx.x == gridDim.x - 1) {
     append_current_page<T, D>(p, a);
     return;
   }
   constexpr int LPT = D / kVec;         // lanes per page
   constexpr int PPW = 32 / LPT;         // pages per warp and step
   constexpr int SAME_HEAD = LPT / NQ;   // lanes holding the same head after reduce_scatter
+  constexpr int U = score_unroll<NQ>();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int slot = lane / LPT, sub = lane % LPT;
   const int b = blockIdx.y / p.kv_heads, kvh = blockIdx.y % p.kv_heads;
@@ -118,21 +134,26 @@ __global__ void __launch_bounds__(kScoreWarps * 32)
   const int used_pages = (len + p.page_size - 1) >> p.log2_page;
   const int current = used_pages - 1;
   const int64_t meta = b * p.m_stride_b + kvh * p.m_stride_h + sub * kVec;
-  const int first = blockIdx.x * score_pages_per_block<D>() + warp * PPW * kScoreUnroll + slot;
-
-  // The metadata loads first: kScoreUnroll x 32 bytes in flight per lane while the query is read and prepared.
-  uint4 raw_min[kScoreUnroll], raw_max[kScoreUnroll];
+  const int batches = (p.num_pages + score_pages_per_batch<D, NQ>() - 1) / score_pages_per_batch<D, NQ>();
+  const int stride = gridDim.x - (appends ? 1 : 0);
+  auto first_page = [&](int batch) { return batch * score_pages_per_batch<D, NQ>() + warp * PPW * U + slot; };
+  auto load_batch = [&](int batch, uint4 (&raw_min)[U], uint4 (&raw_max)[U]) {
 #pragma unroll
-  for (int u = 0; u < kScoreUnroll; ++u) {
-    const int page = first + u * PPW;
-    if (page < p.num_pages) {
-      raw_min[u] = load16(p.page_min + meta + page * p.m_stride_p);
-      raw_max[u] = load16(p.page_max + meta + page * p.m_stride_p);
-    } else {
-      raw_min[u] = make_uint4(0, 0, 0, 0);
-      raw_max[u] = make_uint4(0, 0, 0, 0);
+    for (int u = 0; u < U; ++u) {
+      const int page = first_page(batch) + u * PPW;
+      if (batch < batches && page < p.num_pages) {
+        raw_min[u] = load16(p.page_min + meta + page * p.m_stride_p);
+        raw_max[u] = load16(p.page_max + meta + page * p.m_stride_p);
+      } else {
+        raw_min[u] = make_uint4(0, 0, 0, 0);
+        raw_max[u] = make_uint4(0, 0, 0, 0);
+      }
     }
-  }
+  };
+
+  // The first batch's loads go out before the query is read and prepared.
+  uint4 raw_min[U], raw_max[U];
+  load_batch(blockIdx.x, raw_min, raw_max);
 
   // Box score as two FMAs per element: max(q mx, q mn) is q mx for q >= 0 and q mn for q < 0 (mx >= mn), so
   // w_hi max(..) + w_lo min(..) = wa mx + wb mn. In score_mode 1, wa = wb = q and the two dot products stay apart.
@@ -153,68 +174,96 @@ __global__ void __launch_bounds__(kScoreWarps * 32)
       wb[h][i] = box ? (q[i] >= 0.f ? p.w_lo : p.w_hi) * q[i] : q[i];
     }
   }
+
+  for (int batch = blockIdx.x; batch < batches; batch += stride) {
+    uint4 next_min[U], next_max[U];
+    if constexpr (score_pipelined<NQ>()) load_batch(batch + stride, next_min, next_max);
 #pragma unroll
-  for (int u = 0; u < kScoreUnroll; ++u) {
-    const int page = first + u * PPW;
-    float mn[kVec], mx[kVec];
-    unpack8<T>(raw_min[u], mn);
-    unpack8<T>(raw_max[u], mx);
-    float score;
-    if (p.score_mode == 0) {
-      float v[NQ];
+    for (int u = 0; u < U; ++u) {
+      const int page = first_page(batch) + u * PPW;
+      float mn[kVec], mx[kVec];
+      unpack8<T>(raw_min[u], mn);
+      unpack8<T>(raw_max[u], mx);
+      float score;
+      if (p.score_mode == 0) {
+        float v[NQ];
 #pragma unroll
-      for (int h = 0; h < NQ; ++h) {
-        float acc = 0.f;
+        for (int h = 0; h < NQ; ++h) {
+          float acc = 0.f;
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) acc = fmaf(wa[h][i], mx[i], fmaf(wb[h][i], mn[i], acc));
-        v[h] = acc;
-      }
-      score = reduce_scatter<NQ, LPT>(v, lane);
-    } else {
-      float v_max[NQ], v_min[NQ];
-#pragma unroll
-      for (int h = 0; h < NQ; ++h) {
-        float d_max = 0.f, d_min = 0.f;
-#pragma unroll
-        for (int i = 0; i < kVec; ++i) {
-          d_max = fmaf(wa[h][i], mx[i], d_max);
-          d_min = fmaf(wb[h][i], mn[i], d_min);
+          for (int i = 0; i < kVec; ++i) acc = fmaf(wa[h][i], mx[i], fmaf(wb[h][i], mn[i], acc));
+          v[h] = acc;
         }
-        v_max[h] = d_max;
-        v_min[h] = d_min;
-      }
-      score = fmaxf(reduce_scatter<NQ, LPT>(v_max, lane), reduce_scatter<NQ, LPT>(v_min, lane));
-    }
-    // Combine the heads of the group across the lanes that hold them (padding heads beyond nq do not count).
-    if (p.aggregation != 2) {
-      float agg = my_head < nq ? score : (p.aggregation == 0 ? -INFINITY : 0.f);
+        score = reduce_scatter<NQ, LPT>(v, lane);
+      } else {
+        float v_max[NQ], v_min[NQ];
 #pragma unroll
-      for (int offset = SAME_HEAD; offset < LPT; offset *= 2) {
-        const float other = __shfl_xor_sync(0xffffffffu, agg, offset);
-        agg = p.aggregation == 0 ? fmaxf(agg, other) : agg + other;
+        for (int h = 0; h < NQ; ++h) {
+          float d_max = 0.f, d_min = 0.f;
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) {
+            d_max = fmaf(wa[h][i], mx[i], d_max);
+            d_min = fmaf(wb[h][i], mn[i], d_min);
+          }
+          v_max[h] = d_max;
+          v_min[h] = d_min;
+        }
+        score = fmaxf(reduce_scatter<NQ, LPT>(v_max, lane), reduce_scatter<NQ, LPT>(v_min, lane));
       }
-      score = agg;
-    }
-    // A page is valid if it lies within the sequence and (with a padding mask) holds at least one real token.
-    bool valid = page < used_pages;
-    if (p.key_valid != nullptr) {
-      bool any = false;
-      for (int t = sub; t < p.page_size; t += LPT) {
-        const int tok = (page << p.log2_page) + t;
-        if (valid && tok < len) any |= p.key_valid[b * p.v_stride_b + tok];
+      // Combine the heads of the group across the lanes that hold them (padding heads beyond nq do not count).
+      if (p.aggregation != 2) {
+        float agg = my_head < nq ? score : (p.aggregation == 0 ? -INFINITY : 0.f);
+#pragma unroll
+        for (int offset = SAME_HEAD; offset < LPT; offset *= 2) {
+          const float other = __shfl_xor_sync(0xffffffffu, agg, offset);
+          agg = p.aggregation == 0 ? fmaxf(agg, other) : agg + other;
+        }
+        score = agg;
       }
-      const unsigned ballot = __ballot_sync(0xffffffffu, any);
-      valid = valid && ((ballot >> (slot * LPT)) & ((1u << LPT) - 1u)) != 0u;
+      // A page is valid if it lies within the sequence and (with a padding mask) holds at least one real token.
+      bool valid = page < used_pages;
+      if (p.key_valid != nullptr) {
+        bool any = false;
+        for (int t = sub; t < p.page_size; t += LPT) {
+          const int tok = (page << p.log2_page) + t;
+          if (valid && tok < len) any |= p.key_valid[b * p.v_stride_b + tok];
+        }
+        const unsigned ballot = __ballot_sync(0xffffffffu, any);
+        valid = valid && ((ballot >> (slot * LPT)) & ((1u << LPT) - 1u)) != 0u;
+      }
+      if (page >= p.num_pages) continue;
+      const float value = page == current ? INFINITY : (valid ? score : -INFINITY);
+      float* row = p.scores + b * p.s_stride_b + page;
+      if (p.aggregation == 2) {
+        if (sub % SAME_HEAD == 0 && my_head < nq) row[(kvh * p.group + my_head) * p.s_stride_h] = value;
+      } else if (sub == 0) {
+        row[kvh * p.s_stride_h] = value;
+      }
     }
-    if (page >= p.num_pages) continue;
-    const float value = page == current ? INFINITY : (valid ? score : -INFINITY);
-    float* row = p.scores + b * p.s_stride_b + page;
-    if (p.aggregation == 2) {
-      if (sub % SAME_HEAD == 0 && my_head < nq) row[(kvh * p.group + my_head) * p.s_stride_h] = value;
-    } else if (sub == 0) {
-      row[kvh * p.s_stride_h] = value;
+    if constexpr (score_pipelined<NQ>()) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        raw_min[u] = next_min[u];
+        raw_max[u] = next_max[u];
+      }
+    } else {
+      load_batch(batch + stride, raw_min, raw_max);
     }
   }
+}
+
+// Blocks of the scoring kernel that fit on one multiprocessor, cached per device (one instantiation per template).
+template <typename T, int D, int NQ>
+int resident_score_blocks(int device) {
+  static int counts[64] = {0};
+  if (device < 0 || device >= 64) return 1;
+  if (counts[device] == 0) {
+    int count = 0;
+    C10_CUDA_CHECK(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&count, page_scores_kernel<T, D, NQ>, kScoreWarps * 32, 0));
+    counts[device] = std::max(count, 1);
+  }
+  return counts[device];
 }
 
 }  // namespace quest
@@ -296,8 +345,16 @@ void page_scores(at::Tensor& scores, const at::Tensor& query, at::Tensor& page_m
           a.max_tokens = append_keys->size(2);
           a.mean_box = summary == 1;
         }
-        const int score_blocks = (num_pages + score_pages_per_block<D>() - 1) / score_pages_per_block<D>();
-        const dim3 grid(score_blocks + (append_keys.has_value() ? 1 : 0), batch * kv_heads);
+        // Pipelined: one wave, as many blocks per row as fit on the GPU together, each looping over its share of the
+        // batches. Otherwise a block per batch.
+        const int64_t batches = (num_pages + score_pages_per_batch<D, NQ>() - 1) / score_pages_per_batch<D, NQ>();
+        int64_t per_row = batches;
+        if (score_pipelined<NQ>()) {
+          const int64_t target = int64_t{multiprocessor_count(query.get_device())} *
+                                 resident_score_blocks<T, D, NQ>(query.get_device());
+          per_row = std::max<int64_t>(1, std::min<int64_t>(batches, target / (batch * kv_heads)));
+        }
+        const dim3 grid(per_row + (append_keys.has_value() ? 1 : 0), batch * kv_heads);
         launch_pdl(page_scores_kernel<T, D, NQ>, grid, dim3(kScoreWarps * 32), 0, c10::cuda::getCurrentCUDAStream(), p,
                    a);
       });
