@@ -345,14 +345,16 @@ void page_scores(at::Tensor& scores, const at::Tensor& query, at::Tensor& page_m
           a.max_tokens = append_keys->size(2);
           a.mean_box = summary == 1;
         }
-        // Pipelined: one wave, as many blocks per row as fit on the GPU together, each looping over its share of the
-        // batches. Otherwise a block per batch.
+        // Pipelined: one wave, as many blocks per row as fit on the GPU together (the append blocks included, so that
+        // none of them waits for a slot), each looping over its share of the batches. Otherwise a block per batch.
         const int64_t batches = (num_pages + score_pages_per_batch<D, NQ>() - 1) / score_pages_per_batch<D, NQ>();
+        const int64_t rows = batch * kv_heads;
         int64_t per_row = batches;
         if (score_pipelined<NQ>()) {
           const int64_t target = int64_t{multiprocessor_count(query.get_device())} *
-                                 resident_score_blocks<T, D, NQ>(query.get_device());
-          per_row = std::max<int64_t>(1, std::min<int64_t>(batches, target / (batch * kv_heads)));
+                                     resident_score_blocks<T, D, NQ>(query.get_device()) -
+                                 (append_keys.has_value() ? rows : 0);
+          per_row = std::max<int64_t>(1, std::min<int64_t>(batches, target / rows));
         }
         const dim3 grid(per_row + (append_keys.has_value() ? 1 : 0), batch * kv_heads);
         launch_pdl(page_scores_kernel<T, D, NQ>, grid, dim3(kScoreWarps * 32), 0, c10::cuda::getCurrentCUDAStream(), p,
