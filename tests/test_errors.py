@@ -101,3 +101,61 @@ def test_centroid_summary_runs_on_the_reference_where_kernels_lack_it():
     # "mean" keeps a box (re-centred): the decode kernels score it; only its metadata is computed by torch.
     assert decode_unsupported(query, keys, keys, meta, meta, None, QuestConfig(budget=32, page_summary="mean")) is None
     assert metadata_unsupported(keys, meta, meta, "mean") is None
+
+
+def _kernel_inputs(q_heads=8, kv_heads=2, head_dim=64, tokens=64, dtype=torch.float16):
+    query = torch.randn(1, q_heads, head_dim, dtype=dtype)
+    keys = torch.randn(1, kv_heads, tokens, head_dim, dtype=dtype)
+    meta = torch.randn(1, kv_heads, -(-tokens // 16), head_dim, dtype=dtype)
+    return query, keys, keys.clone(), meta, meta.clone()
+
+
+def _misaligned(t: torch.Tensor) -> torch.Tensor:
+    """The same values one element off a 16-byte boundary."""
+    flat = torch.empty(t.numel() + 1, dtype=t.dtype)[1:]
+    return flat.view(t.shape).copy_(t)
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        (lambda q, k, v: (q.float(), k.float(), v.float()), "dtype torch.float32"),
+        (lambda q, k, v: (q, k.bfloat16(), v), "different dtypes"),
+        (lambda q, k, v: (q[..., :48], k[..., :48], v[..., :48]), "head_dim 48"),
+        (lambda q, k, v: (q.repeat(1, 2, 1)[:, :9], k, v), "9 query heads over 2 KV heads"),
+        (lambda q, k, v: (q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v), "keys is not 16-byte aligned"),
+        (lambda q, k, v: (_misaligned(q), k, v), "query is not 16-byte aligned"),
+    ],
+)
+def test_both_cuda_attention_paths_name_what_they_cannot_read(case, expected):
+    """The sparse decode and the all-pages dense step refuse the same unsupported tensors, with the same reason."""
+    from transformers_quest.backends import attend_all_unsupported, decode_unsupported
+
+    query, keys, values, page_min, page_max = _kernel_inputs()
+    config = QuestConfig(budget=32)
+    assert decode_unsupported(query, keys, values, page_min, page_max, None, config) is None
+    assert attend_all_unsupported(query, keys, values, None, 16) is None
+    query, keys, values = case(query, keys, values)
+    assert expected in decode_unsupported(query, keys, values, page_min, page_max, None, config)
+    assert expected in attend_all_unsupported(query, keys, values, None, 16)
+
+
+def test_cuda_attention_checks_that_differ_between_the_sparse_and_dense_steps():
+    from transformers_quest.backends import KERNEL_MAX_SELECTED_PAGES, attend_all_unsupported, decode_unsupported
+
+    query, keys, values, page_min, page_max = _kernel_inputs()
+    mask = torch.ones(1, keys.shape[2], dtype=torch.int32)
+    assert "key-validity mask" in decode_unsupported(query, keys, values, page_min, page_max, mask, QuestConfig(budget=32))
+    assert "key-validity mask" in attend_all_unsupported(query, keys, values, mask, 16)
+    # Per-head selection takes any group size; the dense step's kernel serves at most KERNEL_MAX_GROUP heads.
+    wide = torch.randn(1, 32, 64, dtype=torch.float16)
+    per_head = QuestConfig(budget=32, aggregation="none")
+    assert decode_unsupported(wide, keys, values, page_min, page_max, None, per_head) is None
+    assert "32 query heads over 2 KV heads" in attend_all_unsupported(wide, keys, values, None, 16)
+    assert "page metadata of dtype torch.float32" in decode_unsupported(
+        query, keys, values, page_min.float(), page_max.float(), None, QuestConfig(budget=32)
+    )
+    # More pages than the attention kernel's splits hold: only the dense step reads them all.
+    long_keys = torch.empty(1, 2, 1, 64, dtype=torch.float16).expand(1, 2, (KERNEL_MAX_SELECTED_PAGES + 1) * 16, 64)
+    assert decode_unsupported(query, long_keys, long_keys, page_min, page_max, None, QuestConfig(budget=32)) is None
+    assert f"{KERNEL_MAX_SELECTED_PAGES + 1} pages" in attend_all_unsupported(query, long_keys, long_keys, None, 16)

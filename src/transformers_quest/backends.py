@@ -163,6 +163,33 @@ def _vector_layout_problem(name: str, t: torch.Tensor) -> str | None:
     return None
 
 
+def _attention_unsupported(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    max_group: int | None,
+) -> str | None:
+    """Why the attention kernel cannot read these tensors (None if it can): shared by the sparse and dense steps."""
+    if query.dtype not in KERNEL_DTYPES:
+        return f"dtype {query.dtype} (kernels: float16, bfloat16)"
+    if keys.dtype != query.dtype or values.dtype != query.dtype:
+        return f"query, keys and values of different dtypes ({query.dtype}, {keys.dtype}, {values.dtype})"
+    head_dim = query.shape[-1]
+    if head_dim not in KERNEL_HEAD_DIMS or values.shape[-1] != head_dim:
+        return f"head_dim {head_dim} / value dim {values.shape[-1]} (kernels: {KERNEL_HEAD_DIMS}, equal)"
+    q_heads, kv_heads = query.shape[1], keys.shape[1]
+    if q_heads % kv_heads or (max_group is not None and q_heads // kv_heads > max_group):
+        return f"{q_heads} query heads over {kv_heads} KV heads (kernels: groups of up to {KERNEL_MAX_GROUP})"
+    if key_valid is not None and (key_valid.dtype != torch.bool or key_valid.stride(-1) != 1):
+        return "a key-validity mask that is not a bool tensor contiguous along tokens"
+    for name, t in (("query", query), ("keys", keys), ("values", values)):
+        problem = _vector_layout_problem(name, t)
+        if problem:
+            return problem
+    return None
+
+
 def decode_unsupported(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -179,22 +206,17 @@ def decode_unsupported(
         return f"recent_pages={config.recent_pages} (kernels: 0)"
     if config.page_summary == "centroids":
         return "page_summary='centroids' (kernels: 'minmax', 'mean')"
-    if query.dtype not in KERNEL_DTYPES:
-        return f"dtype {query.dtype} (kernels: float16, bfloat16)"
-    if any(t.dtype != query.dtype for t in (keys, values, page_min, page_max)):
-        return "query, keys, values and page metadata of different dtypes"
-    head_dim = query.shape[-1]
-    if head_dim not in KERNEL_HEAD_DIMS or values.shape[-1] != head_dim:
-        return f"head_dim {head_dim} / value dim {values.shape[-1]} (kernels: {KERNEL_HEAD_DIMS}, equal)"
-    q_heads, kv_heads = query.shape[1], keys.shape[1]
-    if q_heads % kv_heads or (config.aggregation != "none" and q_heads // kv_heads > KERNEL_MAX_GROUP):
-        return f"{q_heads} query heads over {kv_heads} KV heads (kernels: groups of up to {KERNEL_MAX_GROUP})"
+    # With aggregation "none" every query head selects its own pages: any number of heads per KV head.
+    max_group = None if config.aggregation == "none" else KERNEL_MAX_GROUP
+    problem = _attention_unsupported(query, keys, values, key_valid, max_group)
+    if problem:
+        return problem
+    if page_min.dtype != query.dtype or page_max.dtype != query.dtype:
+        return f"page metadata of dtype {page_min.dtype} / {page_max.dtype} with a {query.dtype} query"
     selected = min(config.page_budget, -(-keys.shape[2] // config.page_size))
     if selected > KERNEL_MAX_SELECTED_PAGES:
         return f"{selected} selected pages (kernels: up to {KERNEL_MAX_SELECTED_PAGES})"
-    if key_valid is not None and (key_valid.dtype != torch.bool or key_valid.stride(-1) != 1):
-        return "a key-validity mask that is not a bool tensor contiguous along tokens"
-    for name, t in (("query", query), ("keys", keys), ("values", values), ("page_min", page_min), ("page_max", page_max)):
+    for name, t in (("page_min", page_min), ("page_max", page_max)):
         problem = _vector_layout_problem(name, t)
         if problem:
             return problem
@@ -205,23 +227,12 @@ def attend_all_unsupported(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_valid: torch.Tensor | None, page_size: int
 ) -> str | None:
     """Why the attention kernel cannot attend to every page of this call (None if it can)."""
-    if query.dtype not in KERNEL_DTYPES or keys.dtype != query.dtype or values.dtype != query.dtype:
-        return f"dtype {query.dtype} (kernels: float16, bfloat16)"
-    head_dim = query.shape[-1]
-    if head_dim not in KERNEL_HEAD_DIMS or values.shape[-1] != head_dim:
-        return f"head_dim {head_dim} / value dim {values.shape[-1]} (kernels: {KERNEL_HEAD_DIMS}, equal)"
-    q_heads, kv_heads = query.shape[1], keys.shape[1]
-    if q_heads % kv_heads or q_heads // kv_heads > KERNEL_MAX_GROUP:
-        return f"{q_heads} query heads over {kv_heads} KV heads (kernels: groups of up to {KERNEL_MAX_GROUP})"
+    problem = _attention_unsupported(query, keys, values, key_valid, KERNEL_MAX_GROUP)
+    if problem:
+        return problem
     pages = -(-keys.shape[2] // page_size)
     if pages > KERNEL_MAX_SELECTED_PAGES:
         return f"{pages} pages (kernels: up to {KERNEL_MAX_SELECTED_PAGES})"
-    if key_valid is not None and (key_valid.dtype != torch.bool or key_valid.stride(-1) != 1):
-        return "a key-validity mask that is not a bool tensor contiguous along tokens"
-    for name, t in (("query", query), ("keys", keys), ("values", values)):
-        problem = _vector_layout_problem(name, t)
-        if problem:
-            return problem
     return None
 
 
