@@ -120,6 +120,25 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / statistics.median(times)
 
 
+def load_cuda_kernel(script: str):
+    """The Quest CUDA kernels, or exit with the reason: the benchmarks measure nothing without them."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{script} needs a CUDA GPU.")
+    backends.set_backend("cuda")
+    kernel = backends.load_kernel()
+    if kernel is None:
+        raise SystemExit(f"The Quest CUDA kernels did not load: {backends.kernel_error()}")
+    return kernel
+
+
+def write_results(stem: str, env: dict, args: argparse.Namespace, rows: list[dict]) -> Path:
+    """JSON with the environment and arguments to --out, or benchmarks/results/<stem>-<device>.json."""
+    out = args.out or ROOT / "benchmarks" / "results" / f"{stem}-{env['device'].replace(' ', '-').lower()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"environment": env, "args": vars(args) | {"out": str(out)}, "rows": rows}, indent=1))
+    return out
+
+
 def environment(kernel) -> dict:
     commit = os.environ.get("QUEST_COMMIT")
     if not commit:
@@ -270,12 +289,7 @@ def target_lines(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/attention.py needs a CUDA GPU.")
-    backends.set_backend("cuda")
-    kernel = backends.load_kernel()
-    if kernel is None:
-        raise SystemExit(f"The Quest CUDA kernels did not load: {backends.kernel_error()}")
+    kernel = load_cuda_kernel("benchmarks/attention.py")
     bandwidth = copy_bandwidth()
     env = environment(kernel)
     env["copy_bandwidth_TBps"] = bandwidth / 1e12
@@ -298,10 +312,7 @@ def main(argv=None) -> int:
     print("\nTargets (budget 2048, batch 1):")
     for line in target_lines(rows):
         print(line)
-    out = args.out or ROOT / "benchmarks" / "results" / f"attention-{env['device'].replace(' ', '-').lower()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": env, "args": vars(args) | {"out": str(out)}, "rows": rows}, indent=1))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {write_results('attention', env, args, rows)}")
     return 0
 
 

@@ -14,7 +14,6 @@ two alone, the attention waits on page-table walks.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -23,9 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from attention import DTYPES, ROOT, SHAPES, GraphTimer, environment  # noqa: E402
-
-from transformers_quest import backends  # noqa: E402
+from attention import DTYPES, SHAPES, GraphTimer, environment, load_cuda_kernel, write_results  # noqa: E402
 
 CASES = [("llama3-8b", 32768), ("llama3-8b", 131072), ("llama2-7b", 32768)]
 TOUCH_BYTES = 2 << 20  # one read per 2 MiB: the GPU's large-page size
@@ -122,12 +119,7 @@ COLUMNS = [
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("benchmarks/latency_probe.py needs a CUDA GPU.")
-    backends.set_backend("cuda")
-    kernel = backends.load_kernel()
-    if kernel is None:
-        raise SystemExit(f"The Quest CUDA kernels did not load: {backends.kernel_error()}")
+    kernel = load_cuda_kernel("benchmarks/latency_probe.py")
     env = environment(kernel)
     timer = GraphTimer(args.reps)
     rows = [
@@ -140,10 +132,7 @@ def main(argv=None) -> int:
     for r in rows:
         cells = " | ".join(f"{r[c]:.1f}" for c in COLUMNS)
         print(f"| {r['shape']} {r['context'] // 1024}K | {cells} |")
-    out = args.out or ROOT / "benchmarks" / "results" / f"latency-probe-{env['device'].replace(' ', '-').lower()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"environment": env, "args": vars(args) | {"out": str(out)}, "rows": rows}, indent=1))
-    print(f"wrote {out}")
+    print(f"wrote {write_results('latency-probe', env, args, rows)}")
     return 0
 
 

@@ -15,9 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from attention import SHAPES  # noqa: E402
-
-from transformers_quest import backends  # noqa: E402
+from attention import SHAPES, load_cuda_kernel  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,10 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
-    backends.set_backend("cuda")
-    kernel = backends.load_kernel()
-    if kernel is None:
-        raise SystemExit(f"The Quest CUDA kernels did not load: {backends.kernel_error()}")
+    kernel = load_cuda_kernel("benchmarks/ncu_step.py")
     q_heads, kv_heads, dim = SHAPES[args.shape]
     keys = torch.randn(1, kv_heads, args.context, dim, dtype=torch.float16, device="cuda")
     values = torch.randn_like(keys)
