@@ -23,30 +23,34 @@
 
 namespace quest {
 
+// Threads per row: 512, or 1024 for long rows (more warps to hide the latency of the row's serial passes).
 constexpr int kSelectThreads = 512;
-constexpr int kSelectWarps = kSelectThreads / 32;
+constexpr int kWideSelectThreads = 1024;
+constexpr int kWideSelectPages = 4096;  // rows longer than this use kWideSelectThreads
 constexpr int kRadixBits = 4;
 constexpr int kBins = 1 << kRadixBits;
 constexpr int kBuckets = 2048;                // linear buckets over the finite scores
 constexpr int kAllBuckets = kBuckets + 2;     // + one for -inf, one for +inf and the sink page
-constexpr int kBucketsPerThread = (kAllBuckets + kSelectThreads - 1) / kSelectThreads;
 constexpr int kMaxCandidates = 512;           // pages of the boundary bucket ranked against each other
-constexpr int kStride = kSelectThreads + 1;   // staged row pitch: +1 word spreads the transposed stores over banks
 constexpr int kMaxSharedBytes = 160 * 1024;  // staged keys (4 B) and buckets (2 B) per page; longer rows use L2
 
-template <bool kStaged>
-__global__ void __launch_bounds__(kSelectThreads)
+template <bool kStaged, int kThreads>
+__global__ void __launch_bounds__(kThreads)
     select_pages_kernel(const float* __restrict__ scores, int64_t row_stride, int num_pages, int k,
                         int* __restrict__ indices, bool keep_first) {
-  using Scan = cub::BlockScan<int, kSelectThreads>;
-  using Reduce = cub::BlockReduce<float, kSelectThreads>;
+  constexpr int kWarps = kThreads / 32;
+  constexpr int kBucketsPerThread = (kAllBuckets + kThreads - 1) / kThreads;
+  constexpr int kStride = kThreads + 1;  // staged row pitch: +1 word spreads the transposed stores over banks
+  using Scan = cub::BlockScan<int, kThreads>;
+  using Reduce = cub::BlockReduce<float, kThreads>;
   __shared__ union {
     typename Scan::TempStorage scan;
     typename Reduce::TempStorage reduce;
   } temp;
   __shared__ int hist[kAllBuckets];
   // Radix path: lane-private histograms need no atomics and never collide, even when all keys share a digit.
-  __shared__ int lane_hist[kSelectWarps][kBins][32];
+  // A lane counts at most its own pages (per_thread < 65536) in a bin.
+  __shared__ uint16_t lane_hist[kWarps][kBins][32];
   __shared__ uint32_t cand_key[kMaxCandidates];
   __shared__ bool cand_take[kMaxCandidates];
   __shared__ int bin_count[kBins];
@@ -58,7 +62,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   const float* row = scores + blockIdx.x * row_stride;
   int* out = indices + static_cast<int64_t>(blockIdx.x) * k;
   // Thread t owns pages [t * per_thread, ...), so that the output can be written in ascending order.
-  const int per_thread = (num_pages + kSelectThreads - 1) / kSelectThreads;
+  const int per_thread = (num_pages + kThreads - 1) / kThreads;
   const int begin = tid * per_thread, end = min(begin + per_thread, num_pages), mine = max(end - begin, 0);
 
   pdl_wait();  // the scores come from the kernel before
@@ -67,21 +71,21 @@ __global__ void __launch_bounds__(kSelectThreads)
   if (kStaged) {
     // Eight independent loads in flight per thread before the first store (the row is cold in L2 or DRAM).
     constexpr int kInFlight = 8;
-    for (int base = 0; base < num_pages; base += kInFlight * kSelectThreads) {
+    for (int base = 0; base < num_pages; base += kInFlight * kThreads) {
       float v[kInFlight];
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u) {
-        const int i = base + u * kSelectThreads + tid;
+        const int i = base + u * kThreads + tid;
         v[u] = i < num_pages ? __ldg(row + i) : 0.f;
       }
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u) {
-        const int i = base + u * kSelectThreads + tid;
+        const int i = base + u * kThreads + tid;
         if (i < num_pages) staged[(i % per_thread) * kStride + i / per_thread] = order_key(v[u]);
       }
     }
   }
-  for (int b = tid; b < kAllBuckets; b += kSelectThreads) hist[b] = 0;
+  for (int b = tid; b < kAllBuckets; b += kThreads) hist[b] = 0;
   __syncthreads();
   auto raw_key = [&](int j) {  // the j-th page of this thread, j < mine
     return kStaged ? staged[j * kStride + tid] : order_key(__ldg(row + begin + j));
@@ -170,7 +174,7 @@ __global__ void __launch_bounds__(kSelectThreads)
       if (bucket_at(j) == bucket) cand_key[slot++] = key_at(j);
     }
     __syncthreads();
-    for (int c = tid; c < candidates; c += kSelectThreads) {
+    for (int c = tid; c < candidates; c += kThreads) {
       const uint32_t key = cand_key[c];
       int rank = 0;
       for (int u = 0; u < candidates; ++u) {
@@ -211,7 +215,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     if (warp < kBins) {
       int count = 0;
 #pragma unroll
-      for (int w = 0; w < kSelectWarps; ++w) count += lane_hist[w][warp][lane];
+      for (int w = 0; w < kWarps; ++w) count += lane_hist[w][warp][lane];
 #pragma unroll
       for (int offset = 16; offset > 0; offset /= 2) count += __shfl_xor_sync(0xffffffffu, count, offset);
       if (lane == 0) bin_count[warp] = count;
@@ -270,6 +274,30 @@ __global__ void __launch_bounds__(kSelectThreads)
   }
 }
 
+template <int kThreads>
+void launch_select(at::Tensor& indices, const at::Tensor& scores, int64_t num_pages, int64_t k, int64_t rows,
+                   bool keep_first) {
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t per_thread = (num_pages + kThreads - 1) / kThreads;
+  const int64_t staged_bytes = per_thread * (kThreads + 1) * (sizeof(uint32_t) + sizeof(uint16_t));
+  if (staged_bytes <= kMaxSharedBytes) {
+    static bool raised[64] = {false};  // the opt-in above 48 KB (static + dynamic) is per device and kernel, once
+    const int device = scores.get_device();
+    if (device >= 0 && device < 64 && !raised[device]) {
+      C10_CUDA_CHECK(cudaFuncSetAttribute(select_pages_kernel<true, kThreads>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSharedBytes));
+      raised[device] = true;
+    }
+    launch_pdl(select_pages_kernel<true, kThreads>, dim3(rows), dim3(kThreads), static_cast<int>(staged_bytes), stream,
+               scores.data_ptr<float>(), scores.stride(1), static_cast<int>(num_pages), static_cast<int>(k),
+               indices.data_ptr<int>(), keep_first);
+  } else {
+    launch_pdl(select_pages_kernel<false, kThreads>, dim3(rows), dim3(kThreads), 0, stream, scores.data_ptr<float>(),
+               scores.stride(1), static_cast<int>(num_pages), static_cast<int>(k), indices.data_ptr<int>(),
+               keep_first);
+  }
+}
+
 }  // namespace quest
 
 void select_pages(at::Tensor& indices, const at::Tensor& scores, bool keep_first) {
@@ -284,25 +312,9 @@ void select_pages(at::Tensor& indices, const at::Tensor& scores, bool keep_first
   const int64_t rows = scores.size(0) * scores.size(1);
   if (rows == 0) return;
   const c10::cuda::CUDAGuard guard(scores.device());
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t per_thread = (num_pages + quest::kSelectThreads - 1) / quest::kSelectThreads;
-  const int64_t staged_bytes = per_thread * quest::kStride * (sizeof(uint32_t) + sizeof(uint16_t));
-  if (staged_bytes <= quest::kMaxSharedBytes) {
-    const int smem = static_cast<int>(staged_bytes);
-    static bool raised[64] = {false};  // the opt-in above 48 KB (static + dynamic) is per device and kernel, once
-    const int device = scores.get_device();
-    if (device >= 0 && device < 64 && !raised[device]) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(quest::select_pages_kernel<true>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          quest::kMaxSharedBytes));
-      raised[device] = true;
-    }
-    quest::launch_pdl(quest::select_pages_kernel<true>, dim3(rows), dim3(quest::kSelectThreads), smem, stream,
-                      scores.data_ptr<float>(), scores.stride(1), static_cast<int>(num_pages), static_cast<int>(k),
-                      indices.data_ptr<int>(), keep_first);
+  if (num_pages > quest::kWideSelectPages) {
+    quest::launch_select<quest::kWideSelectThreads>(indices, scores, num_pages, k, rows, keep_first);
   } else {
-    quest::launch_pdl(quest::select_pages_kernel<false>, dim3(rows), dim3(quest::kSelectThreads), 0, stream,
-                      scores.data_ptr<float>(), scores.stride(1), static_cast<int>(num_pages), static_cast<int>(k),
-                      indices.data_ptr<int>(), keep_first);
+    quest::launch_select<quest::kSelectThreads>(indices, scores, num_pages, k, rows, keep_first);
   }
 }
