@@ -8,6 +8,9 @@ once, against op once), and the attention over every page (a dense one-token ste
 the attention's first accesses find their translations already walked: if that makes the pair cheaper than the
 two alone, the attention waits on page-table walks.
 
+The second table times the attention alone against the number of pages each row selects (random distinct pages,
+1 to 512): what stays at one page is the kernel's fixed cost, the rest grows with the bytes.
+
     python benchmarks/latency_probe.py        # table on stdout, JSON to benchmarks/results/latency-probe-<device>.json
 """
 
@@ -26,6 +29,7 @@ from attention import DTYPES, SHAPES, GraphTimer, environment, load_cuda_kernel,
 
 CASES = [("llama3-8b", 32768), ("llama3-8b", 131072), ("llama2-7b", 32768)]
 TOUCH_BYTES = 2 << 20  # one read per 2 MiB: the GPU's large-page size
+SELECTED_PAGES = [1, 4, 16, 64, 128, 256, 512]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -106,9 +110,29 @@ def probe_case(kernel, timer, shape: str, context: int, dtype: torch.dtype, budg
     timings["attend_all_pages"] = timer(attend_all)
     timings["touch_then_attend"] = timer(lambda: (touch(), attend()))
     timings["attend_after_touch"] = timings["touch_then_attend"] - timings["touch"]
+    timings["attend_by_pages"] = attend_by_pages(kernel, timer, query, keys, values, seq_lens, scale, page_size)
     del keys, values, page_min, page_max
     torch.cuda.empty_cache()
     return {"shape": shape, "context": context, "budget": budget, "touch_reads": 2 * touch_index.numel()} | timings
+
+
+def attend_by_pages(kernel, timer, query, keys, values, seq_lens, scale: float, page_size: int) -> dict:
+    """Attention cold and warm for each count in SELECTED_PAGES of random distinct pages per row."""
+    batch, kv_heads, context, _ = keys.shape
+    num_pages = math.ceil(context / page_size)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    out = torch.empty_like(query)
+    result = {}
+    for count in SELECTED_PAGES:
+        rows = [torch.randperm(num_pages, generator=gen, device="cuda")[:count].sort().values for _ in range(kv_heads)]
+        indices = torch.stack(rows).to(torch.int32)[None].expand(batch, -1, -1).contiguous()
+
+        def attend():
+            kernel.sparse_decode(out, query, keys, values, indices, None, seq_lens, context, scale, page_size, False)
+
+        cold = timer(attend)
+        result[str(count)] = {"cold": cold, "warm": timer(lambda: (attend(), attend())) - cold}
+    return result
 
 
 COLUMNS = [
@@ -131,6 +155,13 @@ def main(argv=None) -> int:
     print("|---|" + "---|" * len(COLUMNS))
     for r in rows:
         cells = " | ".join(f"{r[c]:.1f}" for c in COLUMNS)
+        print(f"| {r['shape']} {r['context'] // 1024}K | {cells} |")
+    print("\nattention alone, cold / warm, against the pages each row selects")
+    print("| case | " + " | ".join(str(n) for n in SELECTED_PAGES) + " |")
+    print("|---|" + "---|" * len(SELECTED_PAGES))
+    for r in rows:
+        cells = " | ".join(f"{r['attend_by_pages'][str(n)]['cold']:.1f} / {r['attend_by_pages'][str(n)]['warm']:.1f}"
+                          for n in SELECTED_PAGES)
         print(f"| {r['shape']} {r['context'] // 1024}K | {cells} |")
     print(f"wrote {write_results('latency-probe', env, args, rows)}")
     return 0
