@@ -221,6 +221,27 @@ def test_select_pages_keep_first_forces_first_valid_page(kernel):
     assert indices.tolist() == [[[2, 3, 6]]]
 
 
+@pytest.mark.parametrize("rows,num_pages,k", [(8, 2048, 128), (2, 8192, 128), (1, 50000, 300)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_select_pages_keep_first_is_exact_top_k_with_the_sink_forced(kernel, rows, num_pages, k, ties):
+    """On long random rows: the first finite page ranks just below the forced (+inf) pages, the rest by score."""
+    gen = torch.Generator(device="cuda").manual_seed(num_pages + 3 * k)
+    scores = torch.randn(1, rows, num_pages, generator=gen, device="cuda") * 40  # a sink far below the top
+    if ties:
+        scores = scores.round()
+    pads = torch.randint(0, num_pages // 4, (rows,), generator=gen, device="cuda")
+    for row in range(rows):
+        scores[0, row, : pads[row]] = float("-inf")
+        scores[0, row, pads[row]] = scores[0, row].min().clamp(min=-1e4) - 1  # the sink: the lowest finite score
+    scores[0, :, -1] = float("inf")
+    indices = torch.empty(1, rows, k, dtype=torch.int32, device="cuda")
+    kernel.select_pages(indices, scores, True)
+    forced = scores.clone()
+    forced[0, torch.arange(rows), pads] = torch.finfo(torch.float32).max
+    expected = forced.sort(dim=-1, descending=True, stable=True).indices[..., :k].sort(dim=-1).values
+    assert torch.equal(indices.long(), expected)
+
+
 # -- decode ------------------------------------------------------------------------------------------------------
 
 DECODE_CASES = [
@@ -405,6 +426,39 @@ def test_decode_runs_inside_a_cuda_graph_with_changing_lengths(kernel):
     fresh_out, _ = step()
     torch.testing.assert_close(graph_out, fresh_out, rtol=0, atol=0)
     assert not torch.equal(graph_out, eager_out)
+
+
+def test_decode_on_concurrent_streams_equals_each_alone(kernel):
+    """Split-K hand-off counters are per stream: steps racing on four streams give the results each gives alone."""
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q_heads, kv_heads, dim, length, page_size = 32, 8, 128, 8192, 16
+    problems = []
+    for _ in range(4):
+        keys = torch.randn(1, kv_heads, length, dim, generator=gen, device="cuda").half()
+        values = torch.randn(1, kv_heads, length, dim, generator=gen, device="cuda").half()
+        query = torch.randn(1, q_heads, dim, generator=gen, device="cuda").half()
+        low, high = reference.page_minmax(keys, page_size)
+        problems.append((query, keys, values, low, high))
+
+    def step(problem):
+        query, keys, values, low, high = problem
+        return kernel.decode(query, keys, values, low, high, None, page_size=page_size, page_budget=128,
+                             scale=dim**-0.5)[0]
+
+    alone = [step(problem) for problem in problems]
+    streams = [torch.cuda.Stream() for _ in problems]
+    main = torch.cuda.current_stream()
+    for _ in range(20):
+        outs = []
+        for stream, problem in zip(streams, problems):
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                outs.append(step(problem))
+        for stream, out in zip(streams, outs):
+            main.wait_stream(stream)
+            out.record_stream(main)
+        for out, expected in zip(outs, alone):
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_ops_pass_opcheck(kernel):

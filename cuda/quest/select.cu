@@ -34,28 +34,70 @@ constexpr int kAllBuckets = kBuckets + 2;     // + one for -inf, one for +inf an
 constexpr int kMaxCandidates = 512;           // pages of the boundary bucket ranked against each other
 constexpr int kMaxSharedBytes = 160 * 1024;  // staged keys (4 B) and buckets (2 B) per page; longer rows use L2
 
+// The row's first page above -inf (the sink candidate) and the finite range of the other pages, reduced over the
+// block in one pass: the lower page index stays first and the other's first page joins the range.
+struct RowSummary {
+  int first;          // page index, INT_MAX for none
+  float first_value;  // its score
+  float lo, hi;       // finite range of the other pages
+
+  __device__ void add(int page, float value, uint32_t key, uint32_t minus_inf) {
+    if (key <= minus_inf) return;
+    if (page < first) {
+      include(first_value, first != INT_MAX);
+      first = page;
+      first_value = value;
+    } else {
+      include(value, true);
+    }
+  }
+  __device__ void include(float value, bool present) {
+    if (present && isfinite(value)) {
+      lo = fminf(lo, value);
+      hi = fmaxf(hi, value);
+    }
+  }
+};
+
+struct CombineRowSummaries {
+  __device__ RowSummary operator()(RowSummary a, const RowSummary& b) const {
+    const bool a_first = a.first < b.first;
+    RowSummary r = a_first ? a : b;
+    const RowSummary& other = a_first ? b : a;
+    r.lo = fminf(a.lo, b.lo);
+    r.hi = fmaxf(a.hi, b.hi);
+    r.include(other.first_value, other.first != INT_MAX);
+    return r;
+  }
+};
+
 template <bool kStaged, int kThreads>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     select_pages_kernel(const float* __restrict__ scores, int64_t row_stride, int num_pages, int k,
                         int* __restrict__ indices, bool keep_first) {
   constexpr int kWarps = kThreads / 32;
   constexpr int kBucketsPerThread = (kAllBuckets + kThreads - 1) / kThreads;
   constexpr int kStride = kThreads + 1;  // staged row pitch: +1 word spreads the transposed stores over banks
   using Scan = cub::BlockScan<int, kThreads>;
-  using Reduce = cub::BlockReduce<float, kThreads>;
+  using Reduce = cub::BlockReduce<RowSummary, kThreads>;
   __shared__ union {
     typename Scan::TempStorage scan;
     typename Reduce::TempStorage reduce;
   } temp;
   __shared__ int hist[kAllBuckets];
-  // Radix path: lane-private histograms need no atomics and never collide, even when all keys share a digit.
-  // A lane counts at most its own pages (per_thread < 65536) in a bin.
-  __shared__ uint16_t lane_hist[kWarps][kBins][32];
+  __shared__ union {
+    // Radix path: lane-private histograms need no atomics and never collide, even when all keys share a digit.
+    // A lane counts at most its own pages (per_thread < 65536) in a bin.
+    uint16_t lane_hist[kWarps][kBins][32];
+    int cand_before[kMaxCandidates + 1];  // bucket path: taken candidates before each one, in page order
+  } by_path;
+  auto& lane_hist = by_path.lane_hist;
+  auto& cand_before = by_path.cand_before;
   __shared__ uint32_t cand_key[kMaxCandidates];
   __shared__ bool cand_take[kMaxCandidates];
   __shared__ int bin_count[kBins];
-  __shared__ int chosen_digit, chosen_rest, chosen_done, sink, boundary, boundary_rest;
-  __shared__ float lo_all, hi_all;
+  __shared__ int chosen_digit, chosen_rest, chosen_done, boundary, boundary_rest;
+  __shared__ RowSummary summary;
   extern __shared__ uint32_t staged[];
 
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
@@ -67,7 +109,9 @@ __global__ void __launch_bounds__(kThreads)
 
   pdl_wait();  // the scores come from the kernel before
   pdl_launch_dependents();
-  if (tid == 0) sink = num_pages;
+  const uint32_t minus_inf = order_key(-INFINITY), plus_inf = order_key(INFINITY);
+  // Sink candidate and finite range, gathered by the staging loads when staged.
+  RowSummary mine_summary{INT_MAX, 0.f, INFINITY, -INFINITY};
   if (kStaged) {
     // Eight independent loads in flight per thread before the first store (the row is cold in L2 or DRAM).
     constexpr int kInFlight = 8;
@@ -81,7 +125,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int u = 0; u < kInFlight; ++u) {
         const int i = base + u * kThreads + tid;
-        if (i < num_pages) staged[(i % per_thread) * kStride + i / per_thread] = order_key(v[u]);
+        if (i < num_pages) {
+          const uint32_t key = order_key(v[u]);
+          staged[(i % per_thread) * kStride + i / per_thread] = key;
+          mine_summary.add(i, v[u], key, minus_inf);
+        }
       }
     }
   }
@@ -90,40 +138,26 @@ __global__ void __launch_bounds__(kThreads)
   auto raw_key = [&](int j) {  // the j-th page of this thread, j < mine
     return kStaged ? staged[j * kStride + tid] : order_key(__ldg(row + begin + j));
   };
-  const uint32_t minus_inf = order_key(-INFINITY), plus_inf = order_key(INFINITY);
-  if (keep_first) {
+  auto key_value = [](uint32_t key) { return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key); };
+  if (!kStaged) {
     for (int j = 0; j < mine; ++j) {
-      if (raw_key(j) > minus_inf) {
-        atomicMin(&sink, begin + j);
-        break;
-      }
+      const uint32_t key = raw_key(j);
+      mine_summary.add(begin + j, key_value(key), key, minus_inf);
     }
-    __syncthreads();
   }
-  const int sink_page = sink;  // num_pages when not keeping the first page
+  const RowSummary row_summary = Reduce(temp.reduce).Reduce(mine_summary, CombineRowSummaries());
+  if (tid == 0) summary = row_summary;
+  __syncthreads();
+  // The first page above -inf is forced just below the +inf pages; without keep_first it is ranked like the rest.
+  const bool has_first = summary.first != INT_MAX;
+  const int sink_page = keep_first && has_first ? summary.first : num_pages;
+  float lo = summary.lo, hi = summary.hi;
+  if (!keep_first && has_first && isfinite(summary.first_value)) {
+    lo = fminf(lo, summary.first_value);
+    hi = fmaxf(hi, summary.first_value);
+  }
   const uint32_t sink_key = order_key(FLT_MAX);
   auto key_at = [&](int j) { return begin + j == sink_page ? sink_key : raw_key(j); };
-  auto key_value = [](uint32_t key) { return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key); };
-
-  // Finite range of the row (forced and padding pages excluded).
-  float lo = INFINITY, hi = -INFINITY;
-  for (int j = 0; j < mine; ++j) {
-    const uint32_t key = key_at(j);
-    if (key > minus_inf && key < plus_inf && begin + j != sink_page) {
-      lo = fminf(lo, key_value(key));
-      hi = fmaxf(hi, key_value(key));
-    }
-  }
-  lo = Reduce(temp.reduce).Reduce(lo, [](float a, float b) { return fminf(a, b); });
-  __syncthreads();
-  hi = Reduce(temp.reduce).Reduce(hi, [](float a, float b) { return fmaxf(a, b); });
-  if (tid == 0) {
-    lo_all = lo;
-    hi_all = hi;
-  }
-  __syncthreads();
-  lo = lo_all;
-  hi = hi_all;
   const float scale = hi > lo ? kBuckets / (hi - lo) : 0.f;
   // Monotone in the key: subtracting and scaling by positive constants preserve order under rounding.
   auto bucket_of = [&](int j, uint32_t key) -> int {
@@ -165,36 +199,56 @@ __global__ void __launch_bounds__(kThreads)
   const int bucket = boundary, rest_in_bucket = boundary_rest, candidates = hist[bucket];
 
   if (candidates <= kMaxCandidates) {
-    // Rank the boundary bucket's pages exactly; they were numbered in page order by a prefix sum.
-    int mine_in_bucket = 0;
-    for (int j = 0; j < mine; ++j) mine_in_bucket += bucket_at(j) == bucket;
-    int slot0;
-    Scan(temp.scan).ExclusiveSum(mine_in_bucket, slot0);
+    // Rank the boundary bucket's pages exactly; they are numbered in page order by a prefix sum. A page's output
+    // position is the number of pages above the bucket before it plus the number of taken candidates before it.
+    static_assert(kMaxCandidates <= kThreads, "one candidate a thread");
+    int above_mine = 0, in_mine = 0;
+    for (int j = 0; j < mine; ++j) {
+      const int b = bucket_at(j);
+      above_mine += b > bucket;
+      in_mine += b == bucket;
+    }
+    int slot0, above_before;
+    if (num_pages < (1 << 15)) {  // both counts in one scan: (above << 16) + in bucket
+      int packed;
+      Scan(temp.scan).ExclusiveSum((above_mine << 16) | in_mine, packed);
+      slot0 = packed & 0xffff;
+      above_before = packed >> 16;
+    } else {
+      Scan(temp.scan).ExclusiveSum(in_mine, slot0);
+      __syncthreads();
+      Scan(temp.scan).ExclusiveSum(above_mine, above_before);
+    }
     for (int j = 0, slot = slot0; j < mine; ++j) {
       if (bucket_at(j) == bucket) cand_key[slot++] = key_at(j);
     }
     __syncthreads();
-    for (int c = tid; c < candidates; c += kThreads) {
-      const uint32_t key = cand_key[c];
+    int take = 0;
+    if (tid < candidates) {
+      const uint32_t key = cand_key[tid];
       int rank = 0;
       for (int u = 0; u < candidates; ++u) {
         const uint32_t other = cand_key[u];
-        rank += other > key || (other == key && u < c);
+        rank += other > key || (other == key && u < tid);
       }
-      cand_take[c] = rank < rest_in_bucket;
+      take = rank < rest_in_bucket;
+      cand_take[tid] = take;
     }
+    int taken_before;
+    Scan(temp.scan).ExclusiveSum(take, taken_before);
+    if (tid < candidates) cand_before[tid] = taken_before;
+    if (tid == 0) cand_before[candidates] = rest_in_bucket;
     __syncthreads();
-    int taken = 0;
     for (int j = 0, slot = slot0; j < mine; ++j) {
       const int b = bucket_at(j);
-      taken += b > bucket || (b == bucket && cand_take[slot++]);
-    }
-    int position;
-    Scan(temp.scan).ExclusiveSum(taken, position);
-    for (int j = 0, slot = slot0; j < mine; ++j) {
-      const int b = bucket_at(j);
-      const bool take = b > bucket || (b == bucket && cand_take[slot++]);
-      if (take && position < k) out[position++] = begin + j;
+      if (b > bucket) {
+        const int position = above_before++ + cand_before[slot];
+        if (position < k) out[position] = begin + j;
+      } else if (b == bucket) {
+        const int position = above_before + cand_before[slot];
+        if (cand_take[slot] && position < k) out[position] = begin + j;
+        ++slot;
+      }
     }
     return;
   }
