@@ -154,7 +154,8 @@ def test_page_scores_match_reference(kernel, dtype, case, aggregation, spread):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dim,q_heads,kv_heads", [(64, 9, 3), (128, 32, 8), (128, 4, 4)])
+# batch 4: 12 to 80 rows, one append block for 16 (d 128) or 32 (d 64) of them, the last one partly used
+@pytest.mark.parametrize("dim,q_heads,kv_heads", [(64, 9, 3), (128, 32, 8), (128, 4, 4), (128, 10, 5), (64, 40, 20)])
 @pytest.mark.parametrize("summary", ["minmax", "mean"])
 def test_page_scores_with_fused_append_equal_append_then_score(kernel, dtype, dim, q_heads, kv_heads, summary):
     """The decode append folded into the scoring launch: metadata bit-exact as `append_pages`, scores unchanged."""

@@ -7,9 +7,10 @@
 // Aggregation over the G query heads of a KV head: 0 max, 1 sum, 2 none (one score row per query head).
 // Pages with no valid token (left padding, or past a sequence's length) score -inf, the current page +inf.
 //
-// With append keys, one extra block per row also recomputes the metadata of the current page (the decode append)
-// from the keys. Scoring never uses that page's metadata (it is forced), so the append needs no ordering against
-// the scoring blocks and costs no launch of its own; the next step's scoring sees it.
+// With append keys, extra blocks also recompute the metadata of the current page (the decode append) from the keys,
+// one block for every append_rows_per_block<D>() rows (D / 8 threads a row). Scoring never uses that page's metadata
+// (it is forced), so the append needs no ordering against the scoring blocks and costs no launch of its own; the
+// next step's scoring sees it.
 #include <c10/cuda/CUDAStream.h>
 
 #include "check.h"
@@ -51,6 +52,12 @@ struct AppendParams {
 
 constexpr int kScoreWarps = 8;
 
+// Rows whose decode append one block of the scoring kernel does: few append blocks leave the wave to the scoring.
+template <int D>
+constexpr int append_rows_per_block() {
+  return kScoreWarps * 32 / (D / kVec);
+}
+
 // With several heads per page (GQA) the scoring is heavy on arithmetic: a block then loads its next batch while it
 // scores the current one, two pages per lane each. With one head (MHA) the arithmetic is light and more blocks in
 // flight, four pages per lane and no second batch in registers, keep more bytes moving.
@@ -91,10 +98,15 @@ __device__ __forceinline__ float reduce_scatter(float (&v)[NQ], int lane) {
   return x;
 }
 
-// The decode append of row blockIdx.y: recompute the page holding the newest token from its keys.
+// The decode append of rows blockIdx.y, ... + append_rows_per_block<D>() - 1 (the append block of every other row
+// exits at once): recompute the page holding each row's newest token from its keys, D / 8 threads a row.
 template <typename T, int D>
-__device__ __forceinline__ void append_current_page(const ScoreParams<T>& p, const AppendParams<T>& a) {
-  const int b = blockIdx.y / p.kv_heads, kvh = blockIdx.y % p.kv_heads;
+__device__ __forceinline__ void append_current_pages(const ScoreParams<T>& p, const AppendParams<T>& a) {
+  constexpr int kRows = append_rows_per_block<D>();
+  if (blockIdx.y % kRows != 0) return;
+  const int row_index = blockIdx.y + threadIdx.x / (D / kVec), vec = threadIdx.x % (D / kVec);
+  if (row_index >= gridDim.y) return;
+  const int b = row_index / p.kv_heads, kvh = row_index % p.kv_heads;
   pdl_wait();  // the keys come from the kernels before
   pdl_launch_dependents();
   const int len = p.seq_lens != nullptr ? p.seq_lens[b] : p.max_len;
@@ -102,10 +114,8 @@ __device__ __forceinline__ void append_current_page(const ScoreParams<T>& p, con
   const int t0 = ((len - 1) >> p.log2_page) << p.log2_page;
   const int t1 = min(t0 + p.page_size, len);
   const int64_t row = b * p.m_stride_b + kvh * p.m_stride_h + (t0 >> p.log2_page) * p.m_stride_p;
-  for (int vec = threadIdx.x; vec < D / kVec; vec += blockDim.x) {
-    recompute_page_slice<T>(a.keys + b * a.k_stride_b + kvh * a.k_stride_h + vec * kVec, a.k_stride_t, t0, t1,
-                            a.mean_box, a.page_min + row + vec * kVec, a.page_max + row + vec * kVec);
-  }
+  recompute_page_slice<T>(a.keys + b * a.k_stride_b + kvh * a.k_stride_h + vec * kVec, a.k_stride_t, t0, t1,
+                          a.mean_box, a.page_min + row + vec * kVec, a.page_max + row + vec * kVec);
 }
 
 // A block scores batches blockIdx.x, blockIdx.x + stride, ... of one row with the query weights prepared once; when
@@ -115,7 +125,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32)
     page_scores_kernel(const ScoreParams<T> p, const AppendParams<T> a) {
   const bool appends = a.keys != nullptr;
   if (appends && blockIdx.x == gridDim.x - 1) {
-    append_current_page<T, D>(p, a);
+    append_current_pages<T, D>(p, a);
     return;
   }
   constexpr int LPT = D / kVec;         // lanes per page
@@ -345,15 +355,18 @@ void page_scores(at::Tensor& scores, const at::Tensor& query, at::Tensor& page_m
           a.max_tokens = append_keys->size(2);
           a.mean_box = summary == 1;
         }
-        // Pipelined: one wave, as many blocks per row as fit on the GPU together (the append blocks included, so that
-        // none of them waits for a slot), each looping over its share of the batches. Otherwise a block per batch.
+        // Pipelined: one wave, as many blocks per row as fit on the GPU together (the working append blocks included,
+        // so that none of them waits for a slot), each looping over its share of the batches. Otherwise a block per
+        // batch.
         const int64_t batches = (num_pages + score_pages_per_batch<D, NQ>() - 1) / score_pages_per_batch<D, NQ>();
         const int64_t rows = batch * kv_heads;
         int64_t per_row = batches;
         if (score_pipelined<NQ>()) {
           const int64_t target = int64_t{multiprocessor_count(query.get_device())} *
                                      resident_score_blocks<T, D, NQ>(query.get_device()) -
-                                 (append_keys.has_value() ? rows : 0);
+                                 (append_keys.has_value() ? (rows + append_rows_per_block<D>() - 1) /
+                                                                      append_rows_per_block<D>()
+                                                                : 0);
           per_row = std::max<int64_t>(1, std::min<int64_t>(batches, target / rows));
         }
         const dim3 grid(per_row + (append_keys.has_value() ? 1 : 0), batch * kv_heads);
