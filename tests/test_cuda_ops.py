@@ -429,6 +429,32 @@ def test_decode_runs_inside_a_cuda_graph_with_changing_lengths(kernel):
     assert not torch.equal(graph_out, eager_out)
 
 
+def test_decode_graph_on_a_fresh_stream_needs_no_other_graph_replayed_first(kernel):
+    """The split counters first used inside a capture are zero before any replay: a second graph captured on the
+    same stream replays correctly although the first graph (the one that created them) never ran."""
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q_heads, kv_heads, dim, length, page_size = 32, 8, 128, 8192, 16
+    keys = torch.randn(1, kv_heads, length, dim, generator=gen, device="cuda").half()
+    values = torch.randn(1, kv_heads, length, dim, generator=gen, device="cuda").half()
+    query = torch.randn(1, q_heads, dim, generator=gen, device="cuda").half()
+    low, high = reference.page_minmax(keys, page_size)
+
+    def step():
+        return kernel.decode(query, keys, values, low, high, None, page_size=page_size, page_budget=128,
+                             scale=dim**-0.5)[0]
+
+    eager = step()
+    capture_stream = torch.cuda.Stream()
+    first, second = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(first, stream=capture_stream):
+        step()
+    with torch.cuda.graph(second, stream=capture_stream):
+        out = step()
+    second.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+
+
 def test_decode_on_concurrent_streams_equals_each_alone(kernel):
     """Split-K hand-off counters are per stream: steps racing on four streams give the results each gives alone."""
     gen = torch.Generator(device="cuda").manual_seed(11)
