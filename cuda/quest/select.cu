@@ -8,8 +8,8 @@
 //    against each other; everything above the bucket is taken.
 //  * radix path (a boundary bucket with too many pages: equal or clustered scores): a radix select over the keys,
 //    4 bits a pass with lane-private histograms, stopping once the boundary bin is taken whole.
-// Both end with a block-wide prefix sum that writes the taken pages in ascending order.
-// keep_first forces the first page with a finite score (the first real page: the attention sink) just below the
+// Both end with block-wide prefix sums that place the taken pages in ascending order.
+// keep_first forces the first page scored above -inf (the first real page: the attention sink) just below the
 // current page, which page_scores already forced to +inf.
 #include <c10/cuda/CUDAStream.h>
 
