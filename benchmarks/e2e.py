@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -132,7 +133,10 @@ def agreement(tokens: list[list[int]], other: list[list[int]]) -> dict:
 
 
 def environment() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    # QUEST_COMMIT names the commit where the tree is a copy without git history (as on a rented GPU machine).
+    commit = os.environ.get("QUEST_COMMIT") or subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     return {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
