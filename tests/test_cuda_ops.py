@@ -198,7 +198,17 @@ def test_page_scores_two_vector_mode_is_max_of_dot_products(kernel, dtype):
 
 
 @pytest.mark.parametrize(
-    "rows,num_pages,k", [(1, 8192, 127), (32, 2048, 128), (5, 300, 1), (3, 77, 77), (2, 10000, 255), (1, 50000, 300)]
+    "rows,num_pages,k",
+    [
+        (1, 8192, 127),
+        (32, 2048, 128),
+        (5, 300, 1),
+        (3, 77, 77),
+        (4, 1500, 100),  # 3 pages a thread (512 threads)
+        (2, 10000, 255),
+        (1, 26000, 200),  # 26 pages a thread (1024 threads): the longest row staged in shared memory
+        (1, 50000, 300),
+    ],
 )
 @pytest.mark.parametrize("ties", [False, True])
 def test_select_pages_is_exact_top_k(kernel, rows, num_pages, k, ties):
