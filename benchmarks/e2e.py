@@ -133,7 +133,7 @@ def agreement(tokens: list[list[int]], other: list[list[int]]) -> dict:
 
 
 def environment() -> dict:
-    # QUEST_COMMIT names the commit where the tree is a copy without git history (as on a rented GPU machine).
+    # QUEST_COMMIT names the commit where the tree is a copy without git history (e.g. on a remote GPU machine).
     commit = os.environ.get("QUEST_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()

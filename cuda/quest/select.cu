@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   RowSummary mine_summary{INT_MAX, 0.f, INFINITY, -INFINITY};
   if (kStaged) {
     // floor(i / per_thread) as a multiply-high by ceil(2^32 / per_thread), exact while i * per_thread < 2^32 (staged
-    // rows are far shorter): the staging store's division was ~6% of the select's issue slots at 8192 pages.
+    // rows are far shorter): the division was ~6% of the select's stall samples at 8192 pages.
     const uint64_t magic = ((uint64_t{1} << 32) + per_thread - 1) / per_thread;
     const uint32_t magic_lo = static_cast<uint32_t>(magic), magic_hi = static_cast<uint32_t>(magic >> 32);
     auto owner_of = [&](int i) {
