@@ -139,7 +139,8 @@ def write_results(stem: str, env: dict, args: argparse.Namespace, rows: list[dic
     return out
 
 
-def environment(kernel) -> dict:
+def commit_id() -> str:
+    """QUEST_COMMIT where the tree is a copy without git history (e.g. on a remote GPU machine), else git's HEAD."""
     commit = os.environ.get("QUEST_COMMIT")
     if not commit:
         try:
@@ -148,6 +149,10 @@ def environment(kernel) -> dict:
             ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             commit = "unknown"
+    return commit
+
+
+def environment(kernel) -> dict:
     props = torch.cuda.get_device_properties(0)
     return {
         "device": props.name,
@@ -155,7 +160,7 @@ def environment(kernel) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "commit": commit,
+        "commit": commit_id(),
         "kernel": getattr(kernel, "__file__", str(kernel)),
         "command": " ".join([sys.executable, *sys.argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,9 @@ from transformers.generation.streamers import BaseStreamer
 
 import transformers_quest
 from transformers_quest import QuestCache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import commit_id  # noqa: E402
 
 SHAPES = {
     # name: (config kwargs, dtype)
@@ -133,17 +134,13 @@ def agreement(tokens: list[list[int]], other: list[list[int]]) -> dict:
 
 
 def environment() -> dict:
-    # QUEST_COMMIT names the commit where the tree is a copy without git history (e.g. on a remote GPU machine).
-    commit = os.environ.get("QUEST_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
     return {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "transformers": __import__("transformers").__version__,
         "python": platform.python_version(),
-        "commit": commit or None,
+        "commit": commit_id(),
         "command": " ".join(sys.argv),
     }
 
