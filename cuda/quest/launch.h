@@ -19,16 +19,22 @@ inline bool pdl_enabled() {
   return enabled;
 }
 
-// Cached per device: the attribute query is cheap but not free, and this runs once per layer and step.
+// compute() (a positive value: a device attribute, an occupancy, a one-time opt-in) once per device, remembered:
+// the callers run once per layer and step. Each call site's lambda is its own type, so it gets its own cache.
+template <typename Compute>
+int cached_per_device(int device, Compute compute) {
+  static int values[64] = {0};  // 0: not computed yet
+  if (device < 0 || device >= 64) return compute();
+  if (values[device] == 0) values[device] = compute();
+  return values[device];
+}
+
 inline int multiprocessor_count(int device) {
-  static int counts[64] = {0};
-  if (device < 0 || device >= 64) return 132;
-  if (counts[device] == 0) {
+  return cached_per_device(device, [device] {
     int count = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    counts[device] = count;
-  }
-  return counts[device];
+    return count;
+  });
 }
 
 template <typename... Params, typename... Args>

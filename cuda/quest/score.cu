@@ -262,18 +262,15 @@ __global__ void __launch_bounds__(kScoreWarps * 32)
   }
 }
 
-// Blocks of the scoring kernel that fit on one multiprocessor, cached per device (one instantiation per template).
+// Blocks of the scoring kernel that fit on one multiprocessor (on the current device, which the caller set).
 template <typename T, int D, int NQ>
 int resident_score_blocks(int device) {
-  static int counts[64] = {0};
-  if (device < 0 || device >= 64) return 1;
-  if (counts[device] == 0) {
+  return cached_per_device(device, [] {
     int count = 0;
     C10_CUDA_CHECK(
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&count, page_scores_kernel<T, D, NQ>, kScoreWarps * 32, 0));
-    counts[device] = std::max(count, 1);
-  }
-  return counts[device];
+    return std::max(count, 1);
+  });
 }
 
 }  // namespace quest

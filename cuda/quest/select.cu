@@ -344,13 +344,11 @@ void launch_select(at::Tensor& indices, const at::Tensor& scores, int64_t num_pa
   const int64_t per_thread = (num_pages + kThreads - 1) / kThreads;
   const int64_t staged_bytes = per_thread * (kThreads + 1) * (sizeof(uint32_t) + sizeof(uint16_t));
   if (staged_bytes <= kMaxSharedBytes) {
-    static bool raised[64] = {false};  // the opt-in above 48 KB (static + dynamic) is per device and kernel, once
-    const int device = scores.get_device();
-    if (device >= 0 && device < 64 && !raised[device]) {
+    cached_per_device(scores.get_device(), [] {  // the opt-in above 48 KB (static + dynamic): per device and kernel
       C10_CUDA_CHECK(cudaFuncSetAttribute(select_pages_kernel<true, kThreads>,
                                           cudaFuncAttributeMaxDynamicSharedMemorySize, kMaxSharedBytes));
-      raised[device] = true;
-    }
+      return 1;
+    });
     launch_pdl(select_pages_kernel<true, kThreads>, dim3(rows), dim3(kThreads), static_cast<int>(staged_bytes), stream,
                scores.data_ptr<float>(), scores.stride(1), static_cast<int>(num_pages), static_cast<int>(k),
                indices.data_ptr<int>(), keep_first);
