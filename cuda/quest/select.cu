@@ -275,6 +275,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncthreads();
     // Warp b counts bin b: a sum over warps, then over lanes.
+    static_assert(kWarps >= kBins, "one warp a radix bin");
     if (warp < kBins) {
       int count = 0;
 #pragma unroll
