@@ -265,6 +265,7 @@ DECODE_CASES = [
     (2, 16, 2, 128, 300, 4096, 16, [0, 17]),  # budget >= context: every page
     (4, 8, 8, 64, 33, 32, 32, [0, 1, 2, 3]),  # tiny, pages of 32
     (2, 32, 4, 128, 20000, 1024, 16, [0, 4000]),  # many splits per row
+    (2, 32, 8, 128, 33000, 4096, 16, [0, 300]),  # GQA with > 8 MiB selected: one block row per KV head
 ]
 
 
