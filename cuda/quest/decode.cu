@@ -3,7 +3,8 @@
 //
 // Split-K: block (split, b * Hs + s) reads pages [split * pages_per_split, ...) of selection row s and serves every
 // query head that uses that selection (the G heads of a KV head, or one head when each query head selects), so
-// a KV page is read once per group. Each split leaves an unnormalised partial output with its running max and
+// a KV page is read once per group. For small GQA selections (split_heads) the block rows are the query heads
+// instead, each reading its KV head's selection: the group's repeated reads then come from L2. Each split leaves an unnormalised partial output with its running max and
 // sum (log2 domain); the last block to finish a row (counted in a per-device counter it resets) merges the splits
 // of that row, so the whole step is one launch. With one split the block writes the output directly.
 #include <c10/cuda/CUDAStream.h>
@@ -340,8 +341,6 @@ void sparse_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
   if (batch == 0) return;
   const c10::cuda::CUDAGuard guard(query.device());
 
-  // One wave of blocks (as many as fit on the GPU at this kernel's register use), at most kMaxSplits splits of at
-  // most kMaxPagesPerSplit pages each.
   // GQA with one selection per KV head, few selected bytes: one block row per query head. The group's blocks read
   // the same pages (all but the first from L2), and each block's chain of dependent work is a group's fraction as
   // long (Llama-3-8B shape, batch 1: 1-1.7 us less at budget 512, up to 1 us at 2048). With more bytes the repeated
@@ -358,6 +357,8 @@ void sparse_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
   const int64_t rows = batch * (split_heads ? q_heads : sel_heads);
   TORCH_CHECK(k <= int64_t{kMaxSplits} * kMaxPagesPerSplit, "at most ", kMaxSplits * kMaxPagesPerSplit,
               " selected pages, got ", k);
+  // One wave of blocks (as many as fit on the GPU at this kernel's register use), at most kMaxSplits splits of at
+  // most kMaxPagesPerSplit pages each.
   const int group = q_heads / kv_heads;
   const int served = per_query_head || split_heads ? 1 : group;
   const int resident = served <= 2 ? 4 : served <= 4 ? 3 : 2;  // blocks per SM at the register use
