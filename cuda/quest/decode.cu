@@ -9,9 +9,6 @@
 // of that row, so the whole step is one launch. With one split the block writes the output directly.
 #include <c10/cuda/CUDAStream.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "check.h"
 #include "common.cuh"
 #include "dispatch.h"
@@ -346,10 +343,7 @@ void sparse_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
   // long (Llama-3-8B shape, batch 1: 1-1.7 us less at budget 512, up to 1 us at 2048). With more bytes the repeated
   // reads cost more than that (batch 8, budget 2048: +10 us), so above 8 MiB of selected keys and values one block
   // row serves a KV head's query heads. QUEST_KERNELS_SPLIT_HEADS=0 always does the latter.
-  static const bool split_enabled = [] {
-    const char* value = std::getenv("QUEST_KERNELS_SPLIT_HEADS");
-    return value == nullptr || std::strcmp(value, "0") != 0;
-  }();
+  static const bool split_enabled = env_switch_on("QUEST_KERNELS_SPLIT_HEADS");
   const int64_t k = indices.size(2);
   const int64_t selected_bytes = batch * kv_heads * k * page_size * dim * query.element_size() * 2;
   const bool split_heads =

@@ -9,13 +9,17 @@
 
 namespace quest {
 
+// A switch from the environment for measuring what a choice is worth: on unless set to "0". Callers keep the value
+// in a static, so it is read once.
+inline bool env_switch_on(const char* name) {
+  const char* value = std::getenv(name);
+  return value == nullptr || std::strcmp(value, "0") != 0;
+}
+
 // QUEST_KERNELS_PDL=0 launches every kernel without programmatic dependent launch (pdl_wait then returns at once):
 // for measuring what the overlap is worth, or for tools that do not support it.
 inline bool pdl_enabled() {
-  static const bool enabled = [] {
-    const char* value = std::getenv("QUEST_KERNELS_PDL");
-    return value == nullptr || std::strcmp(value, "0") != 0;
-  }();
+  static const bool enabled = env_switch_on("QUEST_KERNELS_PDL");
   return enabled;
 }
 
