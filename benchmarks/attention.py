@@ -38,6 +38,8 @@ SHAPES = {  # query heads, KV heads, head dim
     "llama3-8b": (32, 8, 128),  # also Mistral-7B, Qwen3-8B
     "qwen2.5-7b": (28, 4, 128),  # groups of 7
     "smollm2-360m": (15, 5, 64),  # groups of 3, d 64
+    "llama3.2-1b": (32, 8, 64),  # groups of 4, d 64
+    "qwen2.5-0.5b": (14, 2, 64),  # groups of 7, d 64
 }
 ISSUE_SHAPES = ["llama2-7b", "llama3-8b"]  # the grid the speed targets are set on
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
