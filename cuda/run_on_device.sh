@@ -30,6 +30,12 @@ echo "tests rc=$?"
 grep -E "passed|failed|error" "$OUT/tests.log" | tail -3
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40
 
+step gpu tests, GQA groups on the CUDA-core attention kernel
+QUEST_KERNELS_MMA=0 timeout ${QUEST_TEST_TIMEOUT:-200} python3 -m pytest -q -rfE -p no:cacheprovider tests/test_cuda_ops.py \
+  -k "decode or attend_all or generate" >"$OUT/tests-cuda-cores.log" 2>&1
+echo "tests rc=$?"
+grep -E "passed|failed|error" "$OUT/tests-cuda-cores.log" | tail -3
+
 step benchmark
 if [ "${1:-}" = quick ]; then bench_args=(--quick); else bench_args=(); fi
 timeout ${QUEST_BENCH_TIMEOUT:-240} python3 benchmarks/attention.py "${bench_args[@]}" --out "$OUT/attention-h100.json" >"$OUT/bench.log" 2>&1
@@ -37,7 +43,7 @@ echo "benchmark rc=$?"
 
 step memcheck
 timeout ${QUEST_MEMCHECK_TIMEOUT:-120} compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x -p no:cacheprovider \
-  tests/test_cuda_ops.py -k "(fused_append and dtype0) or (attend_all_pages and dtype0) or (refresh_pages and float16 and 16 and 64) or append_pages or select_pages or device_lengths or cuda_graph or (decode_matches_reference and float16 and (case2 or case3 or case6))" \
+  tests/test_cuda_ops.py -k "(fused_append and dtype0) or (attend_all_pages and dtype0) or (refresh_pages and dtype0 and 16 and 64) or append_pages or select_pages or device_lengths or cuda_graph or (decode_matches_reference and dtype0 and (case2 or case3 or case6 or case9))" \
   >"$OUT/memcheck.log" 2>&1
 echo "memcheck rc=$?"
 grep -E "ERROR SUMMARY|passed|failed|Invalid" "$OUT/memcheck.log" | head -20

@@ -266,6 +266,8 @@ DECODE_CASES = [
     (4, 8, 8, 64, 33, 32, 32, [0, 1, 2, 3]),  # tiny, pages of 32
     (2, 32, 4, 128, 20000, 1024, 16, [0, 4000]),  # many splits per row
     (2, 32, 8, 128, 33000, 4096, 16, [0, 300]),  # GQA with > 8 MiB selected: one block row per KV head
+    (3, 28, 4, 128, 40007, 4096, 16, [0, 5000, 123]),  # the same for groups of 7 (the tensor-core tile's 8 head rows)
+    (5, 16, 4, 64, 70001, 8192, 16, [0, 31, 0, 2, 900]),  # the same at d 64, groups of 4
 ]
 
 
