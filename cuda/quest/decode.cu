@@ -334,8 +334,6 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) sparse_decode_kernel(const 
 // interleaved with byte permutes. Each lane ends with 2 D/8 contiguous output dims of its head.
 // bf16 keeps 8 bits of P, so P goes in as hi + lo (two MMAs); fp16 keeps 11 bits, as SDPA's kernels do.
 constexpr int kTile = 16;  // token slots of one MMA tile
-// Blocks per SM at the tensor-core kernel's register use (sm_90: ~116 registers at d 64, ~190 at d 128).
-constexpr int mma_resident(int64_t dim) { return dim <= 64 ? 4 : 2; }
 
 template <typename T>
 __device__ __forceinline__ void mma_heads(float& d0, float& d1, uint32_t a0, uint32_t a2, uint32_t b0, uint32_t b1);
@@ -535,6 +533,32 @@ __global__ void __launch_bounds__(kDecodeWarps * 32) sparse_decode_mma_kernel(co
   finish_block<T, D, NQ>(p, sm_m, sm_l, sm_o, b, q0, nq, split);
 }
 
+// Blocks of a decode kernel that fit on one multiprocessor (on the current device, which the caller set).
+template <auto kKernel>
+int resident_decode_blocks(int device) {
+  return cached_per_device(device, [] {
+    int count = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&count, kKernel, kDecodeWarps * 32, 0));
+    return std::max(count, 1);
+  });
+}
+
+// How a row's k selected pages split over blocks: one wave of blocks, at most kMaxSplits splits of at most
+// kMaxPagesPerSplit pages, each split a whole number of the kernel's rounds.
+struct SplitPlan {
+  int64_t splits, pages_per_split;
+};
+inline SplitPlan plan_splits(int64_t k, int64_t rows, int64_t wave_blocks, int64_t round_pages) {
+  int64_t splits = std::min<int64_t>({k, int64_t{kMaxSplits}, std::max<int64_t>(1, wave_blocks / rows)});
+  splits = std::max<int64_t>(splits, (k + kMaxPagesPerSplit - 1) / kMaxPagesPerSplit);
+  int64_t pages_per_split = (k + splits - 1) / splits;
+  // Whole rounds of the main loop: a split of 3 pages takes as many dependent rounds as one of 4 (Llama-3-8B shape,
+  // 128 pages: 43 splits of 3 pages measured 14.9 us, 32 splits of 4 pages 14.0 us).
+  const int64_t whole_rounds = (pages_per_split + round_pages - 1) / round_pages * round_pages;
+  if (whole_rounds <= kMaxPagesPerSplit) pages_per_split = whole_rounds;
+  return {(k + pages_per_split - 1) / pages_per_split, pages_per_split};
+}
+
 }  // namespace quest
 
 void sparse_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
@@ -582,36 +606,35 @@ void sparse_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
   const int64_t rows = batch * (split_heads ? q_heads : sel_heads);
   TORCH_CHECK(k <= int64_t{kMaxSplits} * kMaxPagesPerSplit, "at most ", kMaxSplits * kMaxPagesPerSplit,
               " selected pages, got ", k);
-  // One wave of blocks (as many as fit on the GPU at this kernel's register use), at most kMaxSplits splits of at
-  // most kMaxPagesPerSplit pages each.
   const int group = q_heads / kv_heads;
   const int served = per_query_head || split_heads ? 1 : group;
   static const bool mma_enabled = env_switch_on("QUEST_KERNELS_MMA");  // =0: GQA rows on CUDA cores (A/B)
   const bool tensor_cores = mma_enabled && served >= 2 && served <= 8;
-  // Blocks per SM at the register use.
-  const int resident = tensor_cores ? mma_resident(dim) : served <= 2 ? 4 : served <= 4 ? 3 : 2;
-  const int64_t target = int64_t{multiprocessor_count(query.get_device())} * resident;
-  int64_t splits = std::min<int64_t>({k, int64_t{kMaxSplits}, std::max<int64_t>(1, target / rows)});
-  splits = std::max<int64_t>(splits, (k + kMaxPagesPerSplit - 1) / kMaxPagesPerSplit);
-  int64_t pages_per_split = (k + splits - 1) / splits;
-  // Whole rounds of the main loop: a split of 3 pages takes as many dependent rounds as one of 4 (Llama-3-8B shape,
-  // 128 pages: 43 splits of 3 pages measured 14.9 us, 32 splits of 4 pages 14.0 us).
-  const int round_tokens = tensor_cores ? kDecodeWarps * kTile : decode_round_tokens(dim, served);
-  const int64_t round_pages = std::max<int64_t>(1, round_tokens / page_size);
-  const int64_t whole_rounds = (pages_per_split + round_pages - 1) / round_pages * round_pages;
-  if (whole_rounds <= kMaxPagesPerSplit) pages_per_split = whole_rounds;
-  splits = (k + pages_per_split - 1) / pages_per_split;
-  at::Tensor part_o, part_ml;
-  if (splits > 1) {
-    const auto opts = query.options().dtype(at::kFloat);
-    part_o = at::empty({batch * q_heads, splits, dim}, opts);
-    part_ml = at::empty({batch * q_heads, splits, 2}, opts);
-  }
+  const int device = query.get_device();
   auto stream = c10::cuda::getCurrentCUDAStream();
 
   QUEST_DISPATCH_DTYPE(query.scalar_type(), T, [&] {
     QUEST_DISPATCH_HEAD_DIM(dim, D, [&] {
       QUEST_DISPATCH_HEADS(served, NQ, [&] {
+        // The kernel for these rows, how many of its blocks fit a multiprocessor, and the tokens of one round.
+        auto kernel = sparse_decode_kernel<T, D, NQ>;
+        int resident = resident_decode_blocks<sparse_decode_kernel<T, D, NQ>>(device);
+        int round_tokens = decode_round_tokens(dim, served);
+        if constexpr (NQ >= 2) {
+          if (tensor_cores) {
+            kernel = sparse_decode_mma_kernel<T, D, NQ>;
+            resident = resident_decode_blocks<sparse_decode_mma_kernel<T, D, NQ>>(device);
+            round_tokens = kDecodeWarps * kTile;
+          }
+        }
+        const SplitPlan plan = plan_splits(k, rows, int64_t{multiprocessor_count(device)} * resident,
+                                           std::max<int64_t>(1, round_tokens / page_size));
+        at::Tensor part_o, part_ml;
+        if (plan.splits > 1) {
+          const auto opts = query.options().dtype(at::kFloat);
+          part_o = at::empty({batch * q_heads, plan.splits, dim}, opts);
+          part_ml = at::empty({batch * q_heads, plan.splits, 2}, opts);
+        }
         DecodeParams<T> p;
         p.query = reinterpret_cast<const T*>(query.data_ptr());
         p.q_stride_b = query.stride(0);
@@ -638,21 +661,15 @@ void sparse_decode(at::Tensor& out, const at::Tensor& query, const at::Tensor& k
         p.page_size = page_size;
         p.log2_page = log2_page;
         p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-        p.pages_per_split = pages_per_split;
-        p.num_splits = splits;
-        p.part_o = splits > 1 ? part_o.data_ptr<float>() : nullptr;
-        p.part_ml = splits > 1 ? reinterpret_cast<float2*>(part_ml.data_ptr<float>()) : nullptr;
-        p.counters = splits > 1 ? zeroed_counters(query.device(), rows) : nullptr;
+        p.pages_per_split = plan.pages_per_split;
+        p.num_splits = plan.splits;
+        p.part_o = plan.splits > 1 ? part_o.data_ptr<float>() : nullptr;
+        p.part_ml = plan.splits > 1 ? reinterpret_cast<float2*>(part_ml.data_ptr<float>()) : nullptr;
+        p.counters = plan.splits > 1 ? zeroed_counters(query.device(), rows) : nullptr;
         p.out = reinterpret_cast<T*>(out.data_ptr());
         p.o_stride_b = out.stride(0);
         p.o_stride_h = out.stride(1);
-        if constexpr (NQ >= 2) {
-          if (tensor_cores) {
-            launch_pdl(sparse_decode_mma_kernel<T, D, NQ>, dim3(splits, rows), dim3(kDecodeWarps * 32), 0, stream, p);
-            return;
-          }
-        }
-        launch_pdl(sparse_decode_kernel<T, D, NQ>, dim3(splits, rows), dim3(kDecodeWarps * 32), 0, stream, p);
+        launch_pdl(kernel, dim3(plan.splits, rows), dim3(kDecodeWarps * 32), 0, stream, p);
       });
     });
   });
